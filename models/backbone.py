@@ -1,0 +1,169 @@
+"""ResNet backbone with a padding mask carried to every returned stage.
+
+Building a backbone never downloads anything: weights are loaded separately, by
+``load_backbone_weights``, when a training command asks for them.
+"""
+from collections import OrderedDict
+from typing import Any
+from urllib.error import URLError
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from util.errors import UserError
+from util.misc import NestedTensor
+
+from .position_encoding import build_position_encoding
+
+__all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone", "load_backbone_weights"]
+
+_STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+_IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class ResNetBody(nn.ModuleDict):
+    """The stem and stages ``layer1..layer{last_stage}`` of a torchvision ResNet.
+
+    ``forward`` returns the outputs of ``return_stages`` (1-based) keyed ``"0".."3"``.
+    """
+
+    def __init__(self, resnet: nn.Module, last_stage: int, return_stages: tuple[int, ...]):
+        names = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{i}" for i in range(1, last_stage + 1)]
+        super().__init__(OrderedDict((name, getattr(resnet, name)) for name in names))
+        self.return_stages = return_stages
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for name, module in self.items():
+            x = module(x)
+            if name.startswith("layer") and int(name[5:]) in self.return_stages:
+                out[str(int(name[5:]) - 1)] = x
+        return out
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet returning the last stage (and the earlier ones for masks).
+
+    Args:
+        name: resnet18, resnet34, resnet50 or resnet101.
+        train_backbone: whether any backbone parameter is trained.
+        return_interm_layers: also return stages 1..last_stage-1 (mask head).
+        dilation: DC5, dilate the last stage instead of striding (resnet50/101 only).
+        frozen_bn: FrozenBatchNorm2d (for pretrained weights) instead of trainable BatchNorm2d.
+        last_stage: 4 returns C5 (stride 32, or 16 with dilation); 3 returns C4 (stride 16).
+
+    With ``frozen_bn`` the published recipe trains stages 2-4 only; a from-scratch backbone
+    (trainable BatchNorm) trains every stage.
+    """
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 frozen_bn: bool = True, last_stage: int = 4):
+        super().__init__()
+        if name not in _STAGE_CHANNELS:
+            raise UserError(f"--backbone: expected one of {sorted(_STAGE_CHANNELS)}, got {name!r}")
+        if last_stage not in (3, 4):
+            raise UserError(f"--backbone_last_stage: expected 3 or 4, got {last_stage}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise UserError(f"--dilation needs a bottleneck ResNet (resnet50/resnet101); "
+                            f"torchvision cannot dilate {name}")
+        if dilation and last_stage != 4:
+            raise UserError("--dilation dilates stage 4 and cannot be combined with --backbone_last_stage 3")
+        norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer,
+                                                    replace_stride_with_dilation=[False, False, dilation])
+        for param_name, param in resnet.named_parameters():
+            trainable = train_backbone and (not frozen_bn or param_name.startswith(("layer2", "layer3", "layer4")))
+            param.requires_grad_(trainable)
+        return_stages = tuple(range(1, last_stage + 1)) if return_interm_layers else (last_stage,)
+        self.body = ResNetBody(resnet, last_stage, return_stages)
+        self.name = name
+        self.num_channels = _STAGE_CHANNELS[name][last_stage - 1]
+        self.strides = [4, 8, 16, 16 if dilation else 32][:last_stage]
+
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        out = {}
+        for key, x in features.items():
+            mask = tensor_list.mask
+            if mask is None:
+                mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
+            else:
+                mask = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out[key] = NestedTensor(x, mask)
+        return out
+
+
+class Joiner(nn.Sequential):
+    """Backbone followed by position encoding; returns per-stage features and encodings."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.strides = backbone.strides
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        features = list(self[0](tensor_list).values())
+        pos = [self[1](feature).to(feature.tensors.dtype) for feature in features]
+        return features, pos
+
+
+def load_backbone_weights(backbone: Backbone, spec: str) -> None:
+    """Load ResNet weights into ``backbone``: ``none``, ``imagenet`` (torchvision, may download) or a path.
+
+    A path holds a torchvision ResNet state_dict (``conv1.weight``, ``layer1...``; ``fc.*`` ignored).
+    """
+    if spec == "none":
+        return
+    if spec == "imagenet":
+        weights_enum = getattr(torchvision.models, _IMAGENET_WEIGHTS[backbone.name]).IMAGENET1K_V1
+        try:
+            state_dict = weights_enum.get_state_dict(progress=True)
+        except (URLError, OSError) as err:
+            raise UserError(f"--backbone_weights imagenet: could not download the {backbone.name} ImageNet "
+                            f"weights ({err}); pass --backbone_weights none to train from scratch, "
+                            "or --backbone_weights PATH to a local copy") from None
+        source = f"torchvision {weights_enum}"
+    else:
+        try:
+            state_dict = torch.load(spec, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"--backbone_weights: {spec} does not exist "
+                            "(expected 'imagenet', 'none' or a ResNet state_dict file)") from None
+        except Exception as err:  # unpickling errors come in many types
+            raise UserError(f"--backbone_weights: {spec} is not a readable torch state_dict "
+                            f"({type(err).__name__})") from None
+        if not isinstance(state_dict, dict):
+            raise UserError(f"--backbone_weights: {spec} does not hold a state_dict")
+        source = spec
+    wanted = backbone.body.state_dict()
+    selected = {k: v for k, v in state_dict.items() if k in wanted}
+    missing = sorted(k for k in wanted if k not in selected and not k.endswith("num_batches_tracked"))
+    if missing:
+        raise UserError(f"--backbone_weights: {source} lacks {len(missing)} {backbone.name} keys "
+                        f"(first: {missing[0]})")
+    backbone.body.load_state_dict(selected, strict=False)
+
+
+def build_backbone(args: Any) -> Joiner:
+    """Backbone + position encoding from ``args``; the weights are not loaded here.
+
+    ``args.backbone_weights == 'none'`` (from scratch) selects trainable BatchNorm.
+    """
+    frozen_bn = getattr(args, "backbone_weights", "imagenet") != "none"
+    backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
+                        return_interm_layers=args.masks, dilation=args.dilation, frozen_bn=frozen_bn,
+                        last_stage=getattr(args, "backbone_last_stage", 4))
+    return Joiner(backbone, build_position_encoding(args))

@@ -1,0 +1,214 @@
+"""The detector (DETR, or PnP-DETR with a sampler), its training criterion and post-processing."""
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.errors import UserError
+from util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized, to_nested_tensor
+
+from .backbone import Joiner, build_backbone
+from .matcher import HungarianMatcher, build_matcher
+from .transformer import Transformer, build_transformer
+
+
+@dataclass
+class ImageFeatures:
+    """The part of the forward pass that does not depend on the poll ratio.
+
+    src: ``(B, d, H, W)`` projected last-stage features; mask: ``(B, H, W)`` True on padding;
+    pos: ``(B, d, H, W)`` position encoding; stages: the backbone's returned stages.
+    """
+
+    src: Tensor
+    mask: Tensor
+    pos: Tensor
+    stages: list[NestedTensor]
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    """Backbone -> input_proj -> [PnP sampler] -> transformer -> class and box heads.
+
+    ``forward(samples, sample_ratio=None)`` takes a NestedTensor, a ``(B, 3, H, W)`` tensor or
+    a list of ``(3, H, W)`` tensors and returns a dict:
+    ``pred_logits (B, Q, num_classes + 1)``, ``pred_boxes (B, Q, 4)`` (cx, cy, w, h in [0, 1]),
+    ``aux_outputs`` (earlier decoder layers, with aux loss), and with a sampler
+    ``sample_reg_loss`` (scalar) and ``sampled`` (``SampledTokens``).
+
+    ``extract_features`` + ``predict`` split the same computation so that evaluation at
+    several ratios runs the backbone once.
+    """
+
+    def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
+                 aux_loss: bool = False):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        self.num_queries = num_queries
+        self.transformer = transformer
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+
+    @property
+    def uses_pnp(self) -> bool:
+        return self.transformer.sampler is not None
+
+    def extract_features(self, samples: NestedTensor | Tensor | list[Tensor]) -> ImageFeatures:
+        stages, pos = self.backbone(to_nested_tensor(samples))
+        src, mask = stages[-1].decompose()
+        return ImageFeatures(src=self.input_proj(src), mask=mask, pos=pos[-1], stages=stages)
+
+    def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
+        hs, _, sampled = self.transformer(features.src, features.mask, self.query_embed.weight,
+                                          features.pos, sample_ratio)
+        logits = self.class_embed(hs)
+        boxes = self.bbox_embed(hs).sigmoid()
+        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if sampled is not None:
+            out["sample_reg_loss"] = sampled.sample_reg_loss
+            out["sampled"] = sampled
+        return out
+
+    def forward(self, samples: NestedTensor | Tensor | list[Tensor],
+                sample_ratio: Optional[float] = None) -> dict[str, Any]:
+        return self.predict(self.extract_features(samples), sample_ratio)
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss: Hungarian matching, then class, box and (PnP) sampler terms.
+
+    ``losses`` picks among ``labels`` (``loss_ce``, logs ``class_error``), ``boxes``
+    (``loss_bbox``, ``loss_giou``) and ``cardinality`` (logs ``cardinality_error``). The
+    terms are repeated with suffix ``_{i}`` for every auxiliary decoder output, and the
+    sampler's ``sample_reg_loss`` is passed through. ``weight_dict`` says how each term
+    enters the total loss. Everything is computed in float32.
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 eos_coef: float, losses: list[str]):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = losses
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    @staticmethod
+    def _matched(indices: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        query_idx = torch.cat([src for src, _ in indices])
+        return batch_idx, query_idx
+
+    def loss_labels(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor) -> dict[str, Tensor]:
+        logits = outputs["pred_logits"].float()
+        batch_idx, query_idx = self._matched(indices)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, query_idx] = matched_labels
+        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if len(matched_labels) > 0:
+            correct = (logits[batch_idx, query_idx].argmax(-1) == matched_labels).float().mean()
+            losses["class_error"] = 100 * (1 - correct)
+        else:
+            losses["class_error"] = logits.new_zeros(())
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor) -> dict[str, Tensor]:
+        logits = outputs["pred_logits"]
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        actual = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        return {"cardinality_error": F.l1_loss(predicted, actual)}
+
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor) -> dict[str, Tensor]:
+        batch_idx, query_idx = self._matched(indices)
+        pred = outputs["pred_boxes"][batch_idx, query_idx].float()
+        target = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(pred)
+        loss_bbox = F.l1_loss(pred, target, reduction="none").sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)))
+        return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def _losses_for(self, outputs: dict, targets: list[dict], num_boxes: Tensor, suffix: str = "") -> dict[str, Tensor]:
+        indices = self.matcher(outputs, targets)
+        losses = {}
+        for name in self.losses:
+            fn = {"labels": self.loss_labels, "boxes": self.loss_boxes, "cardinality": self.loss_cardinality}[name]
+            losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, num_boxes).items()})
+        return losses
+
+    def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Targets per image: ``labels (T,)`` int64 and ``boxes (T, 4)`` cxcywh in [0, 1]."""
+        device = outputs["pred_logits"].device
+        num_boxes = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(num_boxes)
+        num_boxes = (num_boxes / get_world_size()).clamp(min=1)
+
+        losses = self._losses_for(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_losses = self._losses_for(aux, targets, num_boxes, suffix=f"_{i}")
+            losses.update({k: v for k, v in aux_losses.items() if k in self.weight_dict})
+        if "sample_reg_loss" in outputs:
+            losses["sample_reg_loss"] = outputs["sample_reg_loss"].float()
+        return losses
+
+
+class PostProcess(nn.Module):
+    """Model outputs -> per image ``scores``, ``labels``, ``boxes`` (xyxy pixels), in float32."""
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Any], target_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """target_sizes: ``(B, 2)`` image ``(height, width)`` to scale the boxes to."""
+        probs = outputs["pred_logits"].float().softmax(-1)
+        scores, labels = probs[..., :-1].max(-1)
+        boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"].float())
+        height, width = target_sizes.float().unbind(1)
+        boxes = boxes * torch.stack([width, height, width, height], dim=1)[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
+    """Model, criterion and post-processors from the parsed command-line flags."""
+    if args.masks:
+        raise UserError("--masks (panoptic segmentation) is not available in this version")
+    if args.num_classes is None or args.num_classes < 1:
+        raise UserError(f"--num_classes: expected a positive class count, got {args.num_classes}")
+    model = DETR(build_backbone(args), build_transformer(args), num_classes=args.num_classes,
+                 num_queries=args.num_queries, aux_loss=not args.no_aux_loss)
+
+    weight_dict = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if not args.no_aux_loss:
+        for i in range(args.dec_layers - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
+    if model.uses_pnp:
+        weight_dict["sample_reg_loss"] = args.sample_reg_loss
+    criterion = SetCriterion(args.num_classes, build_matcher(args), weight_dict, args.eos_coef,
+                             losses=["labels", "boxes", "cardinality"])
+    return model, criterion, {"bbox": PostProcess()}

@@ -1,0 +1,165 @@
+"""The poll-and-pool (PnP) sampler of PnP-DETR.
+
+It turns a projected feature map of ``L = H * W`` positions into ``N`` fine tokens (the
+positions a score network polls as most informative) and ``M`` coarse tokens (the rest,
+pooled by learned attention), so the transformer works on ``N + M`` tokens instead of ``L``.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+SCORE_PRED_NETS = ("2layer-fc-256", "2layer-fc-16", "1layer-fc")
+KPROJ_NETS = ("1layer-fc", "2layer-fc")
+
+
+@dataclass
+class SampledTokens:
+    """What the sampler hands to the transformer (``N`` = max_b N_b, ``M`` coarse tokens).
+
+    tokens: ``(B, N + M, C)``, fine tokens first (in descending score order), then coarse.
+    pos: ``(B, N + M, C)`` position embeddings of the tokens.
+    key_padding_mask: ``(B, N + M)`` bool, True where a slot is padding (fine slots beyond
+        ``N_b``; coarse slots of an image whose pool is empty, i.e. ratio 1).
+    poll_index: ``(B, N)`` flattened position (``y * W + x``) of each fine slot.
+    num_polled: ``(B,)`` N_b, the number of real fine tokens per image.
+    pool_weights: ``(B, M, L)`` each coarse token's weights over positions (0 on polled
+        and padded positions; every row sums to 1, or to 0 when the pool is empty).
+    scores: ``(B, L)`` poll score of every position, in ``(0, 1)``.
+    sample_reg_loss: scalar, mean score of the ``B x N`` fine slots.
+    """
+
+    tokens: Tensor
+    pos: Tensor
+    key_padding_mask: Tensor
+    poll_index: Tensor
+    num_polled: Tensor
+    pool_weights: Tensor
+    scores: Tensor
+    sample_reg_loss: Tensor
+
+    @property
+    def num_fine(self) -> int:
+        return self.poll_index.shape[1]
+
+
+def poll_counts(num_valid: Tensor, ratio: float) -> Tensor:
+    """``N_b = int(valid_b * r)`` computed in float32 and truncated, as the reference does.
+
+    (180 positions at r = 0.65 give 116, not 117.)
+    """
+    product = num_valid.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32, device=num_valid.device)
+    return product.to(torch.int64)
+
+
+def check_ratio(ratio: float, name: str = "sample ratio") -> float:
+    """Return ``ratio`` as a float if ``0 < ratio <= 1``, else raise ValueError naming it."""
+    ratio = float(ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {ratio}")
+    return ratio
+
+
+def _score_pred_net(kind: str, dim: int) -> nn.Module:
+    if kind == "2layer-fc-256":
+        return nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(inplace=True), nn.Conv2d(dim, 1, 1))
+    if kind == "2layer-fc-16":
+        return nn.Sequential(nn.Conv2d(dim, 16, 1), nn.ReLU(inplace=True), nn.Conv2d(16, 1, 1))
+    if kind == "1layer-fc":
+        return nn.Conv2d(dim, 1, 1)
+    raise ValueError(f"--score_pred_net: expected one of {SCORE_PRED_NETS}, got {kind!r}")
+
+
+def _k_proj(kind: str, dim: int, num_coarse: int) -> nn.Module:
+    if kind == "1layer-fc":
+        return nn.Linear(dim, num_coarse)
+    if kind == "2layer-fc":
+        return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, num_coarse))
+    raise ValueError(f"--kproj_net: expected one of {KPROJ_NETS}, got {kind!r}")
+
+
+class PollAndPoolSampler(nn.Module):
+    """Poll the top ``r`` fraction of positions as fine tokens, pool the rest into ``M`` tokens.
+
+    Per image ``b`` with ``valid_b`` non-padded positions:
+
+    1. ``s = sigmoid(score_pred_net(x))`` scores every position.
+    2. ``N_b = int(valid_b * r)`` positions with the highest (detached) score are polled;
+       padded positions are never polled. The batch is padded to ``max_b N_b`` slots.
+    3. Fine token = ``LN(x) * s`` (LayerNorm without affine); the product is the score
+       network's gradient path. It keeps its position embedding.
+    4. Coarse token ``m`` = ``sum_p a[m, p] v_proj(LN(x_p))`` over the non-polled, non-padded
+       positions ``p``, with ``a[m] = softmax_p(k_proj(LN(x_p))[m])``; its position embedding
+       is ``sum_p a[m, p] pos_p``.
+
+    Because every row of ``a`` sums to one, ``v_proj`` is applied after pooling (``M`` rows
+    instead of ``L``), which is the same function at a fraction of the cost.
+
+    Args:
+        dim: channels ``C`` of the feature map.
+        num_coarse: ``M``, the number of pooled tokens.
+        default_ratio: ``r`` used when ``forward`` gets none.
+        score_pred_net: ``2layer-fc-256`` (C->C->1), ``2layer-fc-16`` (C->16->1) or ``1layer-fc``.
+        kproj_net: ``1layer-fc`` (C->M) or ``2layer-fc`` (C->C->M).
+        pos_embed_kproj: add the position embedding to the features before ``k_proj``.
+    """
+
+    def __init__(self, dim: int, num_coarse: int, default_ratio: float = 1 / 3,
+                 score_pred_net: str = "2layer-fc-256", kproj_net: str = "1layer-fc",
+                 pos_embed_kproj: bool = False):
+        super().__init__()
+        if num_coarse < 1:
+            raise ValueError(f"the pool needs at least one coarse token, got num_coarse={num_coarse}")
+        self.default_ratio = check_ratio(default_ratio, "--sample_topk_ratio")
+        self.num_coarse = num_coarse
+        self.pos_embed_kproj = pos_embed_kproj
+        self.score_pred_net = _score_pred_net(score_pred_net, dim)
+        self.norm_feature = nn.LayerNorm(dim, elementwise_affine=False)
+        self.k_proj = _k_proj(kproj_net, dim, num_coarse)
+        self.v_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor, pos: Tensor, ratio: Optional[float] = None) -> SampledTokens:
+        """x, pos: ``(B, C, H, W)``; mask: ``(B, H, W)`` bool, True on padding; ratio in (0, 1]."""
+        ratio = check_ratio(self.default_ratio if ratio is None else ratio)
+        batch, dim = x.shape[:2]
+        scores = self.score_pred_net(x).sigmoid().flatten(1)            # (B, L)
+        features = self.norm_feature(x.flatten(2).transpose(1, 2))      # (B, L, C)
+        pos = pos.flatten(2).transpose(1, 2)                            # (B, L, C)
+        pad = mask.flatten(1)                                           # (B, L)
+
+        # Poll: the top N_b positions by detached score; padding ranks last.
+        num_polled = poll_counts((~pad).sum(1), ratio)                  # (B,)
+        num_fine = int(num_polled.max())
+        rank_scores = scores.detach().masked_fill(pad, -1.0)
+        poll_index = rank_scores.topk(num_fine, dim=1).indices          # (B, N)
+        fine_pad = torch.arange(num_fine, device=x.device)[None] >= num_polled[:, None]
+        poll_scores = scores.gather(1, poll_index)                      # (B, N)
+        gather_index = poll_index[..., None].expand(-1, -1, dim)
+        fine = features.gather(1, gather_index) * poll_scores[..., None]
+        fine_pos = pos.gather(1, gather_index)
+
+        # Pool: attention of M learned queries over the positions left out of the poll.
+        polled = torch.zeros_like(pad).scatter(1, poll_index, ~fine_pad)
+        left_out = polled | pad                                         # (B, L)
+        empty_pool = left_out.all(dim=1)                                # (B,)
+        logits = self.k_proj(features + pos if self.pos_embed_kproj else features)  # (B, L, M)
+        # A finite fill keeps an empty pool's softmax (and its gradient) free of NaN.
+        logits = logits.masked_fill(left_out[..., None], torch.finfo(logits.dtype).min)
+        pool_weights = logits.softmax(dim=1).transpose(1, 2)            # (B, M, L)
+        pool_weights = pool_weights.masked_fill(empty_pool[:, None, None], 0.0)
+        coarse = self.v_proj(pool_weights @ features)                   # (B, M, C)
+        coarse = coarse.masked_fill(empty_pool[:, None, None], 0.0)
+        coarse_pos = pool_weights @ pos.to(pool_weights.dtype)
+        coarse_pad = empty_pool[:, None].expand(-1, self.num_coarse)
+
+        return SampledTokens(
+            tokens=torch.cat([fine, coarse.to(fine.dtype)], dim=1),
+            pos=torch.cat([fine_pos, coarse_pos.to(fine_pos.dtype)], dim=1),
+            key_padding_mask=torch.cat([fine_pad, coarse_pad], dim=1),
+            poll_index=poll_index,
+            num_polled=num_polled,
+            pool_weights=pool_weights,
+            scores=scores,
+            sample_reg_loss=poll_scores.mean(),
+        )

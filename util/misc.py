@@ -1,0 +1,252 @@
+"""Batching of variable-size images, distributed helpers and progress logging."""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections import defaultdict, deque
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- batching
+class NestedTensor:
+    """A batch of images padded to a common size.
+
+    ``tensors``: ``(B, C, H, W)``; ``mask``: ``(B, H, W)`` bool, True on padding.
+    """
+
+    def __init__(self, tensors: Tensor, mask: Optional[Tensor]):
+        self.tensors = tensors
+        self.mask = mask
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "NestedTensor":
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    def decompose(self) -> tuple[Tensor, Optional[Tensor]]:
+        return self.tensors, self.mask
+
+    def __repr__(self) -> str:
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+
+
+def nested_tensor_from_tensor_list(tensor_list: list[Tensor]) -> NestedTensor:
+    """Pad ``(C, H_i, W_i)`` images at the bottom/right into one ``NestedTensor``."""
+    if len(tensor_list) == 0:
+        raise ValueError("nested_tensor_from_tensor_list needs at least one image")
+    if any(t.dim() != 3 for t in tensor_list):
+        raise ValueError("nested_tensor_from_tensor_list expects (C, H, W) tensors, got shapes "
+                         f"{[tuple(t.shape) for t in tensor_list]}")
+    channels = tensor_list[0].shape[0]
+    height = max(t.shape[1] for t in tensor_list)
+    width = max(t.shape[2] for t in tensor_list)
+    first = tensor_list[0]
+    tensor = first.new_zeros((len(tensor_list), channels, height, width))
+    mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
+    for image, padded, pad_mask in zip(tensor_list, tensor, mask):
+        padded[:, : image.shape[1], : image.shape[2]].copy_(image)
+        pad_mask[: image.shape[1], : image.shape[2]] = False
+    return NestedTensor(tensor, mask)
+
+
+def to_nested_tensor(samples: NestedTensor | Tensor | list[Tensor]) -> NestedTensor:
+    """Accept a NestedTensor, a ``(B, C, H, W)`` tensor (no padding) or a list of ``(C, H, W)``."""
+    if isinstance(samples, NestedTensor):
+        return samples
+    if isinstance(samples, Tensor) and samples.dim() == 4:
+        mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool, device=samples.device)
+        return NestedTensor(samples, mask)
+    if isinstance(samples, (list, tuple)) or (isinstance(samples, Tensor) and samples.dim() == 3):
+        images = [samples] if isinstance(samples, Tensor) else list(samples)
+        return nested_tensor_from_tensor_list(images)
+    raise TypeError("expected a NestedTensor, a (B, C, H, W) tensor or a list of (C, H, W) tensors, "
+                    f"got {type(samples).__name__}")
+
+
+def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[NestedTensor, tuple[dict, ...]]:
+    images, targets = zip(*batch)
+    return nested_tensor_from_tensor_list(list(images)), targets
+
+
+# ----------------------------------------------------------------------------- distributed
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_gather(data: Any) -> list[Any]:
+    """Gather any picklable object from every process; returns one entry per rank."""
+    if get_world_size() == 1:
+        return [data]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def reduce_dict(values: dict[str, Tensor], average: bool = True) -> dict[str, Tensor]:
+    """All-reduce a dict of scalar tensors so every process holds the same (mean) values."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return values
+    with torch.no_grad():
+        names = sorted(values.keys())
+        stacked = torch.stack([values[k] for k in names])
+        dist.all_reduce(stacked)
+        if average:
+            stacked /= world_size
+        return dict(zip(names, stacked))
+
+
+def init_distributed_mode(args: Any) -> None:
+    """Set up the process group from torchrun's (or Slurm's) environment, if launched so.
+
+    Sets ``args.distributed``, ``args.rank``, ``args.world_size`` and ``args.gpu``. NCCL on
+    CUDA, gloo on CPU.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+    else:
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+
+
+def save_on_master(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` with ``torch.save`` atomically (temp file + rename), on rank 0 only."""
+    if not is_main_process():
+        return
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- logging
+class SmoothedValue:
+    """Tracks a series of values: median/average over a window and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over processes (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        return float(torch.tensor(list(self.deque)).median().item())
+
+    @property
+    def avg(self) -> float:
+        return float(torch.tensor(list(self.deque), dtype=torch.float64).mean().item())
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1]
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                                max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Collects named meters and prints progress lines with images/s and ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs: float | Tensor) -> None:
+        for name, value in kwargs.items():
+            if isinstance(value, Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
+                  batch_size_of=None) -> Iterator:
+        """Yield from ``iterable``; every ``print_freq`` steps print meters, img/s and ETA.
+
+        ``batch_size_of(item)`` gives the number of images in an item (for images/s).
+        """
+        total = len(iterable)  # type: ignore[arg-type]
+        width = len(str(total))
+        start = time.time()
+        images = 0
+        for i, item in enumerate(iterable):
+            yield item
+            images += batch_size_of(item) if batch_size_of is not None else 1
+            if (i + 1) % print_freq == 0 or i + 1 == total:
+                elapsed = time.time() - start
+                eta = elapsed / (i + 1) * (total - i - 1)
+                rate = images / max(elapsed, 1e-9)
+                if is_main_process():
+                    print(f"{header} [{i + 1:{width}d}/{total}]  eta: {datetime.timedelta(seconds=int(eta))}"
+                          f"  {rate:.1f} img/s  {self}", flush=True)
+        total_time = time.time() - start
+        if is_main_process():
+            print(f"{header} done in {datetime.timedelta(seconds=int(total_time))} "
+                  f"({total_time / max(total, 1):.3f} s/it)", flush=True)
