@@ -1,0 +1,207 @@
+"""COCO-format detection dataset (pycocotools index + PIL images).
+
+Layout read by ``build``::
+
+    coco_path/annotations/instances_{train,val}2017.json
+    coco_path/{train,val}2017/<file_name>
+
+Category ids are used directly as labels, so ``num_classes = max category id + 1`` (DETR
+convention; label ``num_classes`` is then "no object" in the model).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datasets.transforms import clip_boxes, make_coco_transforms
+from util.errors import UserError
+
+REQUIRED_FIELDS: dict[str, dict[str, type]] = {
+    "images": {"id": int, "file_name": str},
+    "annotations": {"id": int, "image_id": int, "category_id": int, "bbox": list},
+    "categories": {"id": int},
+}
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_annotation_json(ann_file: str) -> dict:
+    """Read a COCO detection json, checking the fields this project relies on.
+
+    Missing ``area`` defaults to the bbox area and missing ``iscrowd`` to 0 (COCOeval needs
+    both). Raises ``UserError`` naming the file (and field) for every problem found.
+    """
+    if not os.path.isfile(ann_file):
+        raise UserError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as err:
+        raise UserError(f"{ann_file}: not valid JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{ann_file}: expected a JSON object with 'images', 'annotations' and "
+                        f"'categories', got {type(data).__name__}")
+    for section, fields in REQUIRED_FIELDS.items():
+        entries = data.get(section)
+        if not isinstance(entries, list):
+            raise UserError(f"{ann_file}: missing list field '{section}'")
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise UserError(f"{ann_file}: {section}[{index}] is not a JSON object")
+            for field, kind in fields.items():
+                if field not in entry:
+                    raise UserError(f"{ann_file}: {section}[{index}] has no field '{field}'")
+                value = entry[field]
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise UserError(f"{ann_file}: {section}[{index}] field '{field}' must be "
+                                    f"{kind.__name__}, got {short_repr(value)}")
+    if not data["images"]:
+        raise UserError(f"{ann_file}: 'images' is empty, expected at least one image")
+    if not data["categories"]:
+        raise UserError(f"{ann_file}: 'categories' is empty, expected at least one category")
+    image_ids = {image["id"] for image in data["images"]}
+    for index, ann in enumerate(data["annotations"]):
+        bbox = ann["bbox"]
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise UserError(f"{ann_file}: annotations[{index}] field 'bbox' must be 4 numbers "
+                            f"[x, y, w, h], got {short_repr(bbox)}")
+        if ann["image_id"] not in image_ids:
+            raise UserError(f"{ann_file}: annotations[{index}] field 'image_id' = "
+                            f"{ann['image_id']} is not the id of any entry of 'images'")
+        ann.setdefault("area", float(bbox[2] * bbox[3]))
+        ann.setdefault("iscrowd", 0)
+        for field in ("area", "iscrowd"):
+            if not isinstance(ann[field], (int, float)) or isinstance(ann[field], bool):
+                raise UserError(f"{ann_file}: annotations[{index}] field '{field}' must be a "
+                                f"number, got {short_repr(ann[field])}")
+    return data
+
+
+def category_ids(data: dict) -> list[int]:
+    """Every category id of ``categories`` then ``annotations``, in file order."""
+    return ([c["id"] for c in data["categories"]]
+            + [a["category_id"] for a in data["annotations"]])
+
+
+def num_classes_from_annotations(ann_file: str) -> int:
+    """``max category id + 1`` of a COCO json (91 for COCO 2017)."""
+    return max(category_ids(load_annotation_json(ann_file))) + 1
+
+
+def coco_from_dict(data: dict) -> COCO:
+    """A pycocotools ``COCO`` index built from an in-memory dataset dict (no printing)."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """Images and detection targets of a COCO-format json.
+
+    ``dataset[i]`` is ``(image, target)`` after ``transforms``; the raw target (before
+    transforms) has ``boxes`` float ``(K, 4)`` xyxy absolute pixels (clipped to the image,
+    empty boxes dropped), ``labels`` int64 ``(K,)`` = category ids, ``image_id`` int64 ``(1,)``,
+    ``area`` float ``(K,)``, ``iscrowd`` int64 ``(K,)`` (crowd annotations are skipped), and
+    ``orig_size`` = ``size`` int64 ``[h, w]``. ``transforms=None`` returns the PIL image.
+
+    Attributes: ``coco`` (the pycocotools index, for evaluation), ``ids`` (image ids in
+    dataset order), ``num_classes``.
+    """
+
+    def __init__(self, img_folder: str, ann_file: str,
+                 transforms: Optional[Callable[[Any, dict], tuple[Any, dict]]],
+                 num_classes: Optional[int] = None):
+        data = load_annotation_json(ann_file)
+        used_ids = category_ids(data)
+        if num_classes is None:
+            num_classes = max(used_ids) + 1
+        bad = [i for i in used_ids if not 0 <= i < num_classes]
+        if bad:
+            raise UserError(f"{ann_file}: category id {bad[0]} does not fit --num_classes "
+                            f"{num_classes} (ids must be in [0, {num_classes - 1}]; DETR "
+                            "convention: num_classes = max category id + 1)")
+        for image in data["images"]:
+            path = os.path.join(img_folder, image["file_name"])
+            if not os.path.isfile(path):
+                raise UserError(f"image file not found: {path} (listed in {ann_file})")
+        self.img_folder = img_folder
+        self.ann_file = ann_file
+        self.transforms = transforms
+        self.num_classes = num_classes
+        self.coco = coco_from_dict(data)
+        self.ids = sorted(self.coco.imgs.keys())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, image_id: int) -> Image.Image:
+        """The RGB PIL image of ``image_id``; ``UserError`` if it cannot be decoded."""
+        path = os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+
+    def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
+        """The raw target of ``image_id`` for an image of ``height x width`` pixels."""
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        size = torch.tensor([height, width], dtype=torch.int64)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
+            "image_id": torch.tensor([image_id], dtype=torch.int64),
+            "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
+            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+            "orig_size": size,
+            "size": size.clone(),
+        }
+        return clip_boxes(target, height, width)
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]]:
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        target = self.make_target(image_id, image.height, image.width)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def build(image_set: str, args: Any) -> CocoDetection:
+    """The ``train`` or ``val`` split under ``args.coco_path`` with the published transforms.
+
+    Uses ``args.coco_path``, ``args.eval_size`` (transform scale) and ``args.num_classes``
+    (``None``: max category id + 1).
+    """
+    root = args.coco_path
+    if not root:
+        raise UserError("--coco_path is required: a folder with annotations/, train2017/ and val2017/")
+    if not os.path.isdir(root):
+        raise UserError(f"--coco_path {root} is not a folder")
+    if image_set not in ("train", "val"):
+        raise ValueError(f"coco.build: image_set must be 'train' or 'val', got {image_set!r}")
+    img_folder = os.path.join(root, f"{image_set}2017")
+    ann_file = os.path.join(root, "annotations", f"instances_{image_set}2017.json")
+    if not os.path.isfile(ann_file):
+        raise UserError(f"annotation file not found: {ann_file} (from --coco_path)")
+    if not os.path.isdir(img_folder):
+        raise UserError(f"image folder not found: {img_folder} (from --coco_path)")
+    transforms = make_coco_transforms(image_set, args.eval_size)
+    return CocoDetection(img_folder, ann_file, transforms, num_classes=args.num_classes)

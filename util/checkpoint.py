@@ -1,0 +1,100 @@
+"""Reading and writing training checkpoints.
+
+A checkpoint is ``{'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', 'args'}`` as in
+DETR and PnP-DETR; ours store ``args`` as a plain dict so ``torch.load(weights_only=True)``
+reads them. Official checkpoints pickle an ``argparse.Namespace``, which is allowed too.
+"""
+import argparse
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from util.errors import UserError
+
+# Official DETR / PnP-DETR checkpoints store their flags as an argparse.Namespace.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+SAMPLER_PREFIX = "transformer.sampler."
+
+
+def read_checkpoint(source: str) -> dict[str, Any]:
+    """Load a checkpoint from a path, or from a URL (downloaded only because it was asked for)."""
+    if source.startswith(("http://", "https://")):
+        try:
+            checkpoint = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False,
+                                                            weights_only=True)
+        except OSError as err:
+            raise UserError(f"--resume {source}: download failed ({err}); give a local file instead") from None
+    else:
+        if not os.path.isfile(source):
+            raise UserError(f"--resume: {source} does not exist")
+        try:
+            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling raises many exception types
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--resume: {source} is not a readable PyTorch checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise UserError(f"--resume: {source} is not a DETR/PnP-DETR checkpoint (expected a dict with a 'model' state_dict)")
+    return checkpoint
+
+
+def _preview(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``state_dict`` into ``model`` with strict key matching, up to two allowed gaps.
+
+    * ``transformer.sampler.*`` absent from the checkpoint (a DETR checkpoint loaded into a
+      PnP-DETR): the sampler keeps its fresh initialisation.
+    * ``class_embed.*`` of another shape (fine-tuning on another class set): not loaded.
+
+    Returns the notes to print about those gaps. Anything else that does not fit raises a
+    ``UserError`` naming the checkpoint and the keys, in one line.
+    """
+    own = model.state_dict()
+    notes = []
+    state_dict = dict(state_dict)
+    resized = [k for k in state_dict if k.startswith("class_embed.") and k in own
+               and state_dict[k].shape != own[k].shape]
+    if resized:
+        notes.append(f"{source}: class_embed has {state_dict['class_embed.bias'].shape[0]} logits, "
+                     f"the model {own['class_embed.bias'].shape[0]}: class_embed starts fresh")
+        for k in resized:
+            del state_dict[k]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+                  if k in own and v.shape != own[k].shape]
+    unexpected = sorted(k for k in state_dict if k not in own)
+    missing = sorted(k for k in own if k not in state_dict and k not in resized)
+    sampler_missing = [k for k in missing if k.startswith(SAMPLER_PREFIX)]
+    missing = [k for k in missing if not k.startswith(SAMPLER_PREFIX)]
+    problems = []
+    if missing:
+        problems.append(f"missing {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_preview(mismatched)}")
+    if problems:
+        raise UserError(f"{source}: checkpoint does not fit the model built from the flags "
+                        f"({'; '.join(problems)}); check --backbone, --hidden_dim, --enc_layers/--dec_layers, "
+                        "--num_queries, --no_pnp and --backbone_weights")
+    if sampler_missing:
+        notes.append(f"{source}: no transformer.sampler weights (a DETR checkpoint): the sampler starts fresh")
+    model.load_state_dict(state_dict, strict=False)
+    return notes
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as a plain dict of str/int/float/bool/None/lists, safe for weights_only loading."""
+    def plain(value: Any) -> Any:
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value)
+
+    return {k: plain(v) for k, v in vars(args).items()}
