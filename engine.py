@@ -53,7 +53,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         weighted = {k: v * weight_dict[k] for k, v in logged.items() if k in weight_dict}
         loss_value = sum(weighted.values()).item()
         if not math.isfinite(loss_value):
-            bad = [f"{k}={v.item()}" for k, v in logged.items() if not math.isfinite(v.item())]
+            bad = [f"{k}={v.item()}" for k, v in weighted.items() if not math.isfinite(v.item())]
             raise NonFiniteLossError(f"non-finite loss {loss_value} at epoch {epoch}, iteration {step} "
                                      f"(poll ratio {ratio}): {', '.join(bad) or 'the weighted sum overflowed'}")
 

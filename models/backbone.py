@@ -131,7 +131,7 @@ def load_backbone_weights(backbone: Backbone, spec: str) -> None:
         weights_enum = getattr(torchvision.models, _IMAGENET_WEIGHTS[backbone.name]).IMAGENET1K_V1
         try:
             state_dict = weights_enum.get_state_dict(progress=True)
-        except (URLError, OSError) as err:
+        except (URLError, OSError, RuntimeError) as err:  # offline, or a corrupt cached download
             raise UserError(f"--backbone_weights imagenet: could not download the {backbone.name} ImageNet "
                             f"weights ({err}); pass --backbone_weights none to train from scratch, "
                             "or --backbone_weights PATH to a local copy") from None
@@ -154,6 +154,12 @@ def load_backbone_weights(backbone: Backbone, spec: str) -> None:
     if missing:
         raise UserError(f"--backbone_weights: {source} lacks {len(missing)} {backbone.name} keys "
                         f"(first: {missing[0]})")
+    mismatched = sorted(k for k, v in selected.items() if v.shape != wanted[k].shape)
+    if mismatched:
+        first = mismatched[0]
+        raise UserError(f"--backbone_weights: {source} does not fit {backbone.name} ({len(mismatched)} shape "
+                        f"mismatches, first: {first} {tuple(selected[first].shape)} vs "
+                        f"{tuple(wanted[first].shape)}); is it another ResNet depth?")
     backbone.body.load_state_dict(selected, strict=False)
 
 

@@ -11,6 +11,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.synthetic import generate  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny tensors: one intra-op thread beats two that fight over a shared 2-core CPU."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def synthetic_params() -> dict:
     """Arguments of ``generate`` for the tiny shared synthetic dataset."""
@@ -24,3 +35,33 @@ def synthetic_root(tmp_path_factory, synthetic_params) -> str:
     with contextlib.redirect_stdout(io.StringIO()):
         generate(root, **synthetic_params)
     return root
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+TINY_FLAGS = [
+    "--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--backbone_last_stage", "3",
+    "--eval_size", "64", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",
+    "--dim_feedforward", "64", "--dropout", "0.0", "--num_queries", "6", "--unsample_abstract_number", "4",
+    "--lr", "1e-3", "--lr_backbone", "1e-3", "--batch_size", "4", "--num_workers", "0", "--print_freq", "100",
+]
+
+
+@pytest.fixture
+def tiny_flags(synthetic_root) -> list[str]:
+    """Flags of a tiny CPU model on the shared synthetic dataset (seconds per epoch)."""
+    return TINY_FLAGS + ["--coco_path", synthetic_root]

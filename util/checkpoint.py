@@ -67,8 +67,10 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
             del state_dict[k]
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
                   if k in own and v.shape != own[k].shape]
-    unexpected = sorted(k for k in state_dict if k not in own)
-    missing = sorted(k for k in own if k not in state_dict and k not in resized)
+    # BatchNorm2d and FrozenBatchNorm2d hold the same statistics but for this counter.
+    unexpected = sorted(k for k in state_dict if k not in own and not k.endswith("num_batches_tracked"))
+    missing = sorted(k for k in own if k not in state_dict and k not in resized
+                     and not k.endswith("num_batches_tracked"))
     sampler_missing = [k for k in missing if k.startswith(SAMPLER_PREFIX)]
     missing = [k for k in missing if not k.startswith(SAMPLER_PREFIX)]
     problems = []
@@ -84,7 +86,7 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
                         "--num_queries, --no_pnp and --backbone_weights")
     if sampler_missing:
         notes.append(f"{source}: no transformer.sampler weights (a DETR checkpoint): the sampler starts fresh")
-    model.load_state_dict(state_dict, strict=False)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return notes
 
 

@@ -1,0 +1,48 @@
+"""torch.hub entry points: ``torch.hub.load(repo_dir, 'pnp_detr_resnet50', source='local')``.
+
+Every entry point builds the published architecture for COCO (91 classes + no-object) and
+downloads nothing unless ``pretrained=True`` is asked for, which needs ``checkpoint_url``:
+the original PnP-DETR release published no stable weight URLs.
+"""
+from typing import Optional
+
+from main import parse_args
+from models import build_model
+from models.detr import DETR, PostProcess
+from util.checkpoint import load_model_weights, read_checkpoint
+
+dependencies = ["torch", "torchvision", "scipy"]
+
+
+def _build(flags: list[str], num_classes: int, pretrained: bool, checkpoint_url: Optional[str],
+           return_postprocessor: bool) -> DETR | tuple[DETR, PostProcess]:
+    args = parse_args(flags + ["--num_classes", str(num_classes), "--backbone_weights", "imagenet",
+                               "--device", "cpu"])
+    model, _, postprocessors = build_model(args)
+    if pretrained:
+        if not checkpoint_url:
+            raise ValueError("pretrained=True needs checkpoint_url=<path or URL of a DETR/PnP-DETR checkpoint>")
+        for note in load_model_weights(model, read_checkpoint(checkpoint_url)["model"], checkpoint_url):
+            print(note)
+    return (model, postprocessors["bbox"]) if return_postprocessor else model
+
+
+def _entry(flags: list[str], doc: str):
+    def entry(pretrained: bool = False, num_classes: int = 91, checkpoint_url: Optional[str] = None,
+              return_postprocessor: bool = False) -> DETR | tuple[DETR, PostProcess]:
+        return _build(flags, num_classes, pretrained, checkpoint_url, return_postprocessor)
+
+    entry.__doc__ = doc
+    return entry
+
+
+detr_resnet50 = _entry(["--no_pnp", "--backbone", "resnet50"], "DETR R50 (42.0 AP on COCO val).")
+detr_resnet50_dc5 = _entry(["--no_pnp", "--backbone", "resnet50", "--dilation"], "DETR DC5-R50 (43.3 AP).")
+detr_resnet101 = _entry(["--no_pnp", "--backbone", "resnet101"], "DETR R101 (43.5 AP).")
+pnp_detr_resnet50 = _entry(["--backbone", "resnet50"], "PnP-DETR R50 (41.1 AP at r=0.33, 41.8 at r=0.5).")
+pnp_detr_resnet50_dc5 = _entry(["--backbone", "resnet50", "--dilation"],
+                               "PnP-DETR DC5-R50 (42.7 AP at r=0.33, 43.1 at r=0.5).")
+pnp_detr_resnet101 = _entry(["--backbone", "resnet101"], "PnP-DETR R101.")
+
+__all__ = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "pnp_detr_resnet50",
+           "pnp_detr_resnet50_dc5", "pnp_detr_resnet101"]

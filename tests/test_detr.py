@@ -1,0 +1,336 @@
+"""The detector, its criterion and post-processing (models/detr.py)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main
+from models.detr import DETR, PostProcess, SetCriterion, build
+from models.matcher import HungarianMatcher
+from util.errors import UserError
+from util.misc import NestedTensor
+
+
+NUM_CLASSES, NUM_QUERIES, HIDDEN, NUM_COARSE = 5, 7, 32, 4
+ATOL = 1e-5
+
+
+def tiny_args(*extra: str):
+    return main.parse_args(["--backbone", "resnet18", "--backbone_weights", "none", "--num_classes", str(NUM_CLASSES),
+                            "--hidden_dim", str(HIDDEN), "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",
+                            "--dim_feedforward", "64", "--num_queries", str(NUM_QUERIES),
+                            "--unsample_abstract_number", str(NUM_COARSE), "--device", "cpu", *extra])
+
+
+def tiny_build(*extra: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return build(tiny_args(*extra))
+
+
+@pytest.fixture(scope="module")
+def pnp():
+    """PnP-DETR reading stage 3 (stride 16): a 64x64 image gives a 4x4 map of 16 positions."""
+    model, criterion, postprocessors = tiny_build("--backbone_last_stage", "3")
+    return model.eval(), criterion, postprocessors
+
+
+def _images(n=2, size=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, size, size, generator=gen) for _ in range(n)]
+
+
+def _assert_outputs_close(a, b, index_a=slice(None), index_b=slice(None)):
+    torch.testing.assert_close(a["pred_logits"][index_a], b["pred_logits"][index_b], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(a["pred_boxes"][index_a], b["pred_boxes"][index_b], atol=ATOL, rtol=ATOL)
+
+
+# ----------------------------------------------------------------------------- forward
+def test_forward_output_shapes(pnp):
+    model = pnp[0]
+    with torch.no_grad():
+        out = model(torch.stack(_images()))
+    assert out["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+    assert out["pred_boxes"].shape == (2, NUM_QUERIES, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert len(out["aux_outputs"]) == 1  # dec_layers - 1
+    assert out["aux_outputs"][0]["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+    assert out["aux_outputs"][0]["pred_boxes"].shape == (2, NUM_QUERIES, 4)
+    assert out["sample_reg_loss"].shape == ()
+    assert 0 < out["sample_reg_loss"].item() < 1
+    # Default ratio 1/3: int(16 / 3) = 5 fine tokens, then 4 coarse tokens.
+    assert out["sampled"].tokens.shape == (2, 5 + NUM_COARSE, HIDDEN)
+
+
+def test_tensor_list_and_nested_tensor_inputs_agree(pnp):
+    model = pnp[0]
+    images = _images()
+    batch = torch.stack(images)
+    with torch.no_grad():
+        from_tensor = model(batch)
+        from_list = model(images)
+        from_nested = model(NestedTensor(batch, torch.zeros(2, 64, 64, dtype=torch.bool)))
+    _assert_outputs_close(from_list, from_tensor)
+    _assert_outputs_close(from_nested, from_tensor)
+
+
+def test_list_of_different_sizes(pnp):
+    model = pnp[0]
+    big = _images(1)[0]
+    small = torch.rand(3, 48, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = model([big, small])
+        alone = model(big[None])
+    assert mixed["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+    assert mixed["pred_boxes"].shape == (2, NUM_QUERIES, 4)
+    # The small image is padded to 64x64: 3x3 of its 4x4 positions are valid -> int(9/3) = 3 polled.
+    assert mixed["sampled"].num_polled.tolist() == [5, 3]
+    # The big image has no padding: same result as on its own.
+    _assert_outputs_close(mixed, alone, 0, 0)
+
+
+@pytest.mark.parametrize("ratio,num_fine", [(0.25, 4), (0.5, 8), (1.0, 16), (None, 5)])
+def test_sample_ratio_sets_number_of_fine_tokens(pnp, ratio, num_fine):
+    model = pnp[0]
+    with torch.no_grad():
+        out = model(torch.stack(_images()), sample_ratio=ratio)
+    assert out["sampled"].num_fine == num_fine
+    assert out["sampled"].tokens.shape == (2, num_fine + NUM_COARSE, HIDDEN)
+
+
+def test_sample_ratio_changes_predictions(pnp):
+    model = pnp[0]
+    batch = torch.stack(_images())
+    with torch.no_grad():
+        low, high = model(batch, sample_ratio=0.25), model(batch, sample_ratio=0.75)
+    assert not torch.allclose(low["pred_logits"], high["pred_logits"], atol=1e-4)
+
+
+def test_extract_features_then_predict_equals_forward(pnp):
+    model = pnp[0]
+    batch = torch.stack(_images())
+    with torch.no_grad():
+        features = model.extract_features(batch)
+        assert features.src.shape == (2, HIDDEN, 4, 4)
+        assert features.pos.shape == (2, HIDDEN, 4, 4)
+        assert features.mask.shape == (2, 4, 4)
+        for ratio in (0.5, 0.8):
+            _assert_outputs_close(model.predict(features, ratio), model(batch, sample_ratio=ratio))
+
+
+# ----------------------------------------------------------------------------- variants and keys
+def test_no_pnp_model_has_no_sampler():
+    model, criterion, _ = tiny_build("--no_pnp")
+    model.eval()
+    assert not model.uses_pnp
+    assert not any(k.startswith("transformer.sampler") for k in model.state_dict())
+    with torch.no_grad():
+        out = model(torch.stack(_images()))
+    assert "sample_reg_loss" not in out and "sampled" not in out
+    assert out["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+    assert "sample_reg_loss" not in criterion.weight_dict
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2
+    assert "sample_reg_loss" not in criterion(out, targets)
+
+
+def _sampler_keys(model):
+    prefix = "transformer.sampler."
+    return {k[len(prefix):]: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ((), {"score_pred_net.0.weight": (HIDDEN, HIDDEN, 1, 1), "score_pred_net.0.bias": (HIDDEN,),
+          "score_pred_net.2.weight": (1, HIDDEN, 1, 1), "score_pred_net.2.bias": (1,),
+          "k_proj.weight": (NUM_COARSE, HIDDEN), "k_proj.bias": (NUM_COARSE,),
+          "v_proj.weight": (HIDDEN, HIDDEN), "v_proj.bias": (HIDDEN,)}),
+    (("--kproj_net", "2layer-fc"),
+     {"score_pred_net.0.weight": (HIDDEN, HIDDEN, 1, 1), "score_pred_net.0.bias": (HIDDEN,),
+      "score_pred_net.2.weight": (1, HIDDEN, 1, 1), "score_pred_net.2.bias": (1,),
+      "k_proj.0.weight": (HIDDEN, HIDDEN), "k_proj.0.bias": (HIDDEN,),
+      "k_proj.2.weight": (NUM_COARSE, HIDDEN), "k_proj.2.bias": (NUM_COARSE,),
+      "v_proj.weight": (HIDDEN, HIDDEN), "v_proj.bias": (HIDDEN,)}),
+    (("--score_pred_net", "1layer-fc"),
+     {"score_pred_net.weight": (1, HIDDEN, 1, 1), "score_pred_net.bias": (1,),
+      "k_proj.weight": (NUM_COARSE, HIDDEN), "k_proj.bias": (NUM_COARSE,),
+      "v_proj.weight": (HIDDEN, HIDDEN), "v_proj.bias": (HIDDEN,)}),
+], ids=["default", "kproj-2layer", "score-1layer"])
+def test_pnp_sampler_state_dict_keys(flags, expected):
+    model, _, _ = tiny_build(*flags)
+    assert _sampler_keys(model) == expected
+
+
+def test_detr_checkpoint_key_layout():
+    model, _, _ = tiny_build()
+    sd = model.state_dict()
+    assert sd["query_embed.weight"].shape == (NUM_QUERIES, HIDDEN)
+    assert sd["class_embed.weight"].shape == (NUM_CLASSES + 1, HIDDEN)
+    assert sd["input_proj.weight"].shape == (HIDDEN, 512, 1, 1)
+    assert [sd[f"bbox_embed.layers.{i}.weight"].shape for i in range(3)] == [(HIDDEN, HIDDEN)] * 2 + [(4, HIDDEN)]
+    assert "backbone.0.body.conv1.weight" in sd and "backbone.0.body.layer4.1.conv2.weight" in sd
+    assert "transformer.encoder.layers.0.self_attn.in_proj_weight" in sd
+    assert "transformer.decoder.layers.1.multihead_attn.out_proj.bias" in sd
+    assert "transformer.decoder.norm.weight" in sd
+    assert "transformer.encoder.norm.weight" not in sd
+
+
+def test_build_rejects_masks_and_missing_class_count():
+    with pytest.raises(UserError, match="--masks"):
+        build(tiny_args("--masks"))
+    args = tiny_args()
+    args.num_classes = None
+    with pytest.raises(UserError, match="--num_classes"):
+        build(args)
+
+
+def test_weight_dict_from_flags():
+    _, criterion, _ = tiny_build("--sample_reg_loss", "0.5", "--bbox_loss_coef", "3", "--giou_loss_coef", "4")
+    assert criterion.weight_dict == {"loss_ce": 1.0, "loss_bbox": 3.0, "loss_giou": 4.0,
+                                     "loss_ce_0": 1.0, "loss_bbox_0": 3.0, "loss_giou_0": 4.0,
+                                     "sample_reg_loss": 0.5}
+
+
+def test_no_aux_loss_flag():
+    model, criterion, _ = tiny_build("--no_aux_loss")
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.stack(_images(1)))
+    assert "aux_outputs" not in out
+    assert not any(k.endswith("_0") for k in criterion.weight_dict)
+
+
+# ----------------------------------------------------------------------------- criterion
+def _criterion(eos_coef=0.1, losses=("labels", "boxes", "cardinality")):
+    weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    return SetCriterion(NUM_CLASSES, HungarianMatcher(1, 5, 2), weight_dict, eos_coef, list(losses))
+
+
+def test_perfect_prediction_has_zero_box_losses_and_no_class_error():
+    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.1, 0.4]])
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": boxes}]
+    logits = torch.full((1, 3, NUM_CLASSES + 1), -20.0)
+    logits[0, 0, 3] = 20.0              # query 0 predicts target 1
+    logits[0, 2, 1] = 20.0              # query 2 predicts target 0
+    logits[0, 1, NUM_CLASSES] = 20.0    # query 1 predicts no object
+    pred_boxes = torch.stack([boxes[1], torch.tensor([0.5, 0.5, 0.9, 0.9]), boxes[0]])[None]
+    losses = _criterion()({"pred_logits": logits, "pred_boxes": pred_boxes}, targets)
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["class_error"].item() == 0.0
+    assert losses["loss_ce"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["cardinality_error"].item() == 0.0
+
+
+def test_one_query_one_target_hand_computed_losses():
+    # pred (0.5, 0.5, 0.2, 0.2) -> xyxy (0.4, 0.4, 0.6, 0.6)
+    # target (0.4, 0.55, 0.3, 0.2) -> xyxy (0.25, 0.45, 0.55, 0.65)
+    # L1 = 0.1 + 0.05 + 0.1 + 0 = 0.25
+    # inter 0.15 * 0.15 = 0.0225, union 0.04 + 0.06 - 0.0225 = 0.0775 -> IoU 9/31
+    # enclosing 0.35 * 0.25 = 0.0875 -> GIoU = 9/31 - 0.01/0.0875 = 9/31 - 4/35 = 191/1085
+    logits = torch.tensor([[[0.3, -0.2, 1.0, 0.5, -1.0, 0.1]]])
+    outputs = {"pred_logits": logits, "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.55, 0.3, 0.2]])}]
+    losses = _criterion()(outputs, targets)
+    assert losses["loss_bbox"].item() == pytest.approx(0.25, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(1 - 191 / 1085, abs=1e-6)
+    expected_ce = -F.log_softmax(logits[0, 0], -1)[2].item()
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce, abs=1e-6)
+    assert losses["class_error"].item() == 0.0   # argmax is class 2
+
+
+def test_no_object_class_is_weighted_by_eos_coef():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, NUM_CLASSES + 1, generator=gen)
+    box = torch.tensor([0.5, 0.5, 0.2, 0.2])
+    outputs = {"pred_logits": logits, "pred_boxes": torch.stack([box, torch.tensor([0.1, 0.1, 0.05, 0.05])])[None]}
+    targets = [{"labels": torch.tensor([4]), "boxes": box[None]}]
+    losses = _criterion(eos_coef=0.1, losses=("labels",))(outputs, targets)
+    logp = F.log_softmax(logits[0], -1)
+    expected = (-logp[0, 4] - 0.1 * logp[1, NUM_CLASSES]) / (1 + 0.1)
+    assert losses["loss_ce"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert set(losses) == {"loss_ce", "class_error"}
+
+
+def test_box_losses_are_normalised_by_number_of_targets():
+    pred = torch.tensor([[[0.5, 0.5, 0.2, 0.2]], [[0.3, 0.3, 0.2, 0.2]]])
+    outputs = {"pred_logits": torch.zeros(2, 1, NUM_CLASSES + 1), "pred_boxes": pred}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.2]])},   # L1 0.1
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.5]])}]   # L1 0.3
+    losses = _criterion(losses=("boxes",))(outputs, targets)
+    assert losses["loss_bbox"].item() == pytest.approx((0.1 + 0.3) / 2, abs=1e-6)
+
+
+def test_images_without_targets_give_finite_losses():
+    outputs = {"pred_logits": torch.randn(2, 3, NUM_CLASSES + 1), "pred_boxes": torch.rand(2, 3, 4) * 0.5 + 0.1}
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    losses = _criterion()(outputs, targets)
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
+    assert math.isfinite(losses["loss_ce"].item())
+
+
+def test_aux_losses_use_suffixes_and_match_the_aux_outputs(pnp):
+    model, criterion, _ = pnp
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    with torch.no_grad():
+        out = model(torch.stack(_images()))
+        losses = criterion(out, targets)
+        aux_alone = criterion(out["aux_outputs"][0], targets)
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        assert f"{name}_0" in losses
+        assert f"{name}_1" not in losses
+        torch.testing.assert_close(losses[f"{name}_0"], aux_alone[name])
+    assert all(k in criterion.weight_dict for k in losses if k.startswith("loss") or k == "sample_reg_loss")
+
+
+def test_sample_reg_loss_passes_through(pnp):
+    model, criterion, _ = pnp
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])}] * 2
+    with torch.no_grad():
+        out = model(torch.stack(_images()))
+        losses = criterion(out, targets)
+    assert losses["sample_reg_loss"].item() == out["sample_reg_loss"].item()
+    assert criterion.weight_dict["sample_reg_loss"] == pytest.approx(1e-4)
+
+
+def test_gradients_reach_the_score_network_through_the_detection_loss():
+    model, criterion, _ = tiny_build(seed=1)
+    model.train()
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.6, 0.5, 0.4, 0.3]])}]
+    losses = criterion(model(torch.stack(_images()), sample_ratio=0.5), targets)
+    # Leave sample_reg_loss out: the gradient must come through the fine tokens (LN(x) * score).
+    total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k != "sample_reg_loss")
+    total.backward()
+    for name in ("score_pred_net.0.weight", "score_pred_net.2.weight"):
+        grad = model.transformer.sampler.get_parameter(name).grad
+        assert grad is not None, name
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------- post-processing
+def test_postprocess_hand_case():
+    # Query 0: no-object is the most likely class, class 1 the most likely real class.
+    logits = torch.tensor([[[0.0, 2.0, 3.0], [4.0, 1.0, 0.0]]])   # 2 classes + no-object
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.25, 0.1, 0.5, 0.2]]])
+    results = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))
+    assert len(results) == 1
+    probs = logits.softmax(-1)[0]
+    assert results[0]["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(results[0]["scores"], torch.stack([probs[0, 1], probs[1, 0]]))
+    # (height, width) = (100, 200): x scaled by 200, y by 100.
+    torch.testing.assert_close(results[0]["boxes"], torch.tensor([[50.0, 25.0, 150.0, 75.0], [0.0, 0.0, 100.0, 20.0]]))
+
+
+def test_postprocess_never_predicts_no_object_and_scales_per_image():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 10, NUM_CLASSES + 1, generator=gen)
+    logits[..., -1] += 10.0   # no-object dominates everywhere
+    boxes = torch.rand(2, 10, 4, generator=gen) * 0.4 + 0.1
+    results = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[10, 20], [30, 40]]))
+    for res in results:
+        assert res["labels"].shape == (10,) and res["scores"].shape == (10,) and res["boxes"].shape == (10, 4)
+        assert (res["labels"] < NUM_CLASSES).all()
+    # The same normalised boxes in images of (h, w) = (10, 20) and (30, 40): x scales 2x, y 3x.
+    boxes[1] = boxes[0]
+    results = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[10, 20], [30, 40]]))
+    torch.testing.assert_close(results[1]["boxes"], results[0]["boxes"] * torch.tensor([2.0, 3.0, 2.0, 3.0]))

@@ -1,0 +1,184 @@
+"""main.py end to end: train, evaluate, resume, presets and one-line errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import main
+from datasets.coco_eval import STAT_NAMES
+
+
+def _run(argv, capsys):
+    code = main.run(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root):
+    """A tiny PnP-DETR trained 2 epochs, then evaluated at two ratios."""
+    from conftest import TINY_FLAGS
+
+    out = tmp_path_factory.mktemp("run")
+    flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--output_dir", str(out)]
+    assert main.run(flags + ["--epochs", "2", "--eval_ratios", "0.4", "0.9"]) == 0
+    assert main.run(flags + ["--eval", "--eval_ratios", "0.3", "1.0"]) == 0
+    return out, flags
+
+
+def test_log_has_one_json_object_per_epoch_with_ratio_keys(trained):
+    out, _ = trained
+    lines = (out / "log.txt").read_text().splitlines()
+    assert len(lines) == 2
+    logs = [json.loads(line) for line in lines]
+    assert [log["epoch"] for log in logs] == [0, 1]
+    for log in logs:
+        assert log["n_parameters"] > 0 and "train_loss" in log and "train_loss_ce" in log
+        for ratio in ("0.4", "0.9"):
+            assert len(log[f"test_ratio_{ratio}_coco_eval_bbox"]) == 12
+            assert f"test_ratio_{ratio}_loss" in log
+
+
+def test_checkpoint_is_readable_with_weights_only(trained):
+    out, _ = trained
+    checkpoint = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert set(checkpoint) == {"model", "optimizer", "lr_scheduler", "epoch", "args"}
+    assert checkpoint["epoch"] == 1
+    assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["num_classes"] == 7
+    assert any(k.startswith("transformer.sampler.score_pred_net") for k in checkpoint["model"])
+    assert not list(out.glob("*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def test_eval_writes_one_row_per_ratio_with_named_stats(trained, capsys):
+    out, _ = trained
+    rows = json.loads((out / "eval.json").read_text())
+    assert [row["ratio"] for row in rows] == [0.3, 1.0]
+    for row in rows:
+        assert set(row) == {"ratio", *STAT_NAMES}
+        assert all(-1.0 <= row[name] <= 1.0 for name in STAT_NAMES)
+
+
+def test_eval_at_a_ratio_reproduces_the_training_evaluation(trained, capsys):
+    out, flags = trained
+    code, _, _ = _run(flags + ["--eval", "--eval_ratios", "0.4"], capsys)
+    assert code == 0
+    row = json.loads((out / "eval.json").read_text())[0]
+    last_epoch = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert row["AP"] == pytest.approx(last_epoch["test_ratio_0.4_coco_eval_bbox"][0], abs=1e-9)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_flags):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main.run(tiny_flags + ["--output_dir", str(straight), "--epochs", "2", "--eval_every", "0"]) == 0
+    assert main.run(tiny_flags + ["--output_dir", str(split), "--epochs", "1", "--eval_every", "0"]) == 0
+    assert main.run(tiny_flags + ["--output_dir", str(split), "--epochs", "2", "--eval_every", "0"]) == 0
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert len((split / "log.txt").read_text().splitlines()) == 2
+
+
+def test_plain_detr_trains_and_logs_unprefixed_keys(tmp_path, tiny_flags):
+    assert main.run(tiny_flags + ["--no_pnp", "--output_dir", str(tmp_path), "--epochs", "1"]) == 0
+    log = json.loads((tmp_path / "log.txt").read_text())
+    assert len(log["test_coco_eval_bbox"]) == 12
+    assert not any(k.startswith("test_ratio_") for k in log)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert not any(k.startswith("transformer.sampler") for k in checkpoint["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags, capsys):
+    flags = tiny_flags + ["--output_dir", str(tmp_path), "--eval_every", "0"]
+    assert main.run(flags + ["--epochs", "1"]) == 0
+    good = (tmp_path / "checkpoint.pth").read_bytes()
+    code, _, err = _run(flags + ["--epochs", "2", "--bbox_loss_coef", "nan"], capsys)
+    assert code == 1
+    assert "non-finite loss" in err and "loss_bbox" in err and str(tmp_path / "checkpoint.pth") in err
+    assert (tmp_path / "checkpoint.pth").read_bytes() == good
+
+
+def test_config_preset_is_overridden_by_the_command_line(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("hidden_dim: 48\nlr: 3.0e-4\neval_ratios: [0.25, 0.75]\nno_pnp: true\n")
+    args = main.parse_args(["--config", str(preset), "--lr", "5e-4"])
+    assert args.hidden_dim == 48 and args.lr == 5e-4 and args.eval_ratios == [0.25, 0.75] and args.no_pnp
+
+
+@pytest.mark.parametrize("name", ["demo", "pnp_detr_r50", "pnp_detr_dc5_r50", "detr_r50"])
+def test_shipped_presets_parse(name):
+    args = main.parse_args(["--config", f"configs/{name}.yaml"])
+    assert args.output_dir
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--sample_ratio_lower_bound", "0.9", "--sample_ratio_higher_bound", "0.5"], ["--sample_ratio_lower_bound"]),
+    (["--sample_ratio_higher_bound", "1.5"], ["--sample_ratio_higher_bound", "(0, 1]"]),
+    (["--sample_ratio_lower_bound", "0"], ["--sample_ratio_lower_bound"]),
+    (["--eval_ratios", "0.5", "1.2"], ["--eval_ratios"]),
+    (["--sample_topk_ratio", "0"], ["--sample_topk_ratio"]),
+    (["--dilation"], ["--dilation", "resnet18"]),
+    (["--num_classes", "3"], ["--num_classes"]),
+])
+def test_bad_flags_end_in_one_line(tiny_flags, tmp_path, capsys, extra, needles):
+    code, _, err = _run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1"] + extra, capsys)
+    _one_line_error(code, err, *needles)
+
+
+def test_missing_coco_path_is_named(tmp_path, capsys):
+    from conftest import TINY_FLAGS
+
+    code, _, err = _run(TINY_FLAGS + ["--coco_path", str(tmp_path / "nowhere")], capsys)
+    _one_line_error(code, err, "--coco_path", "nowhere")
+    code, _, err = _run(TINY_FLAGS, capsys)
+    _one_line_error(code, err, "--coco_path")
+
+
+def test_resume_of_a_missing_file_is_named(tiny_flags, tmp_path, capsys):
+    code, _, err = _run(tiny_flags + ["--resume", str(tmp_path / "nope.pth")], capsys)
+    _one_line_error(code, err, "--resume", "nope.pth")
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage" * 10, None])
+def test_resume_of_a_foreign_file_is_named(tiny_flags, tmp_path, capsys, content):
+    path = tmp_path / "foreign.pth"
+    if content is None:
+        torch.save({"weights": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    code, _, err = _run(tiny_flags + ["--resume", str(path)], capsys)
+    _one_line_error(code, err, "--resume", "foreign.pth")
+
+
+def test_resume_of_another_architecture_is_named_and_left_intact(trained, tiny_flags, tmp_path, capsys):
+    out, _ = trained
+    copy = tmp_path / "other.pth"
+    shutil.copy(out / "checkpoint.pth", copy)
+    before = copy.read_bytes()
+    code, _, err = _run(tiny_flags + ["--hidden_dim", "64", "--resume", str(copy), "--eval"], capsys)
+    _one_line_error(code, err, "other.pth", "--hidden_dim")
+    assert copy.read_bytes() == before
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("lr: [oops\n", ["preset.yaml", "YAML"]),
+    ("learning_rate: 0.1\n", ["preset.yaml", "learning_rate"]),
+    ("epochs: many\n", ["preset.yaml", "epochs"]),
+    ("no_pnp: 3\n", ["preset.yaml", "no_pnp"]),
+])
+def test_bad_preset_is_named(tmp_path, capsys, text, needles):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(text)
+    code, _, err = _run(["--config", str(preset)], capsys)
+    _one_line_error(code, err, *needles)

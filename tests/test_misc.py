@@ -1,0 +1,135 @@
+"""Batching and logging helpers (util/misc.py)."""
+import numpy as np
+import pytest
+import torch
+
+from util.misc import (NestedTensor, SmoothedValue, collate_fn, nested_tensor_from_tensor_list,
+                       to_nested_tensor)
+
+
+def _images():
+    torch.manual_seed(0)
+    return [torch.rand(3, 4, 5) + 1.0, torch.rand(3, 6, 3) + 1.0]  # +1: no pixel is 0
+
+
+def test_nested_tensor_pads_bottom_right_with_zeros():
+    a, b = _images()
+    nested = nested_tensor_from_tensor_list([a, b])
+    assert nested.tensors.shape == (2, 3, 6, 5)
+    torch.testing.assert_close(nested.tensors[0, :, :4, :5], a)
+    torch.testing.assert_close(nested.tensors[1, :, :6, :3], b)
+    assert (nested.tensors[0, :, 4:, :] == 0).all()
+    assert (nested.tensors[1, :, :, 3:] == 0).all()
+
+
+def test_nested_tensor_mask_true_exactly_on_padding():
+    a, b = _images()
+    nested = nested_tensor_from_tensor_list([a, b])
+    assert nested.mask.shape == (2, 6, 5) and nested.mask.dtype == torch.bool
+    expected = torch.ones(2, 6, 5, dtype=torch.bool)
+    expected[0, :4, :5] = False
+    expected[1, :6, :3] = False
+    assert torch.equal(nested.mask, expected)
+    # The mask is also exactly where the padded tensor is zero (no image pixel is 0).
+    assert torch.equal(nested.mask, (nested.tensors == 0).all(dim=1))
+
+
+def test_nested_tensor_same_size_images_have_no_padding():
+    images = [torch.rand(3, 4, 4), torch.rand(3, 4, 4)]
+    nested = nested_tensor_from_tensor_list(images)
+    assert not nested.mask.any()
+    torch.testing.assert_close(nested.tensors, torch.stack(images))
+
+
+def test_nested_tensor_rejects_empty_and_non_3d():
+    with pytest.raises(ValueError):
+        nested_tensor_from_tensor_list([])
+    with pytest.raises(ValueError, match="C, H, W"):
+        nested_tensor_from_tensor_list([torch.rand(4, 5)])
+
+
+def test_nested_tensor_decompose_and_to():
+    a, b = _images()
+    nested = nested_tensor_from_tensor_list([a, b])
+    tensors, mask = nested.decompose()
+    assert tensors is nested.tensors and mask is nested.mask
+    moved = nested.to("cpu")
+    assert isinstance(moved, NestedTensor)
+    assert torch.equal(moved.tensors, nested.tensors) and torch.equal(moved.mask, nested.mask)
+
+
+def test_to_nested_tensor_passes_nested_tensor_through():
+    nested = nested_tensor_from_tensor_list(_images())
+    assert to_nested_tensor(nested) is nested
+
+
+def test_to_nested_tensor_4d_tensor_has_no_padding():
+    batch = torch.rand(2, 3, 4, 5)
+    nested = to_nested_tensor(batch)
+    assert nested.tensors is batch
+    assert nested.mask.shape == (2, 4, 5) and nested.mask.dtype == torch.bool
+    assert not nested.mask.any()
+
+
+def test_to_nested_tensor_list_and_tuple_of_3d_tensors():
+    a, b = _images()
+    expected = nested_tensor_from_tensor_list([a, b])
+    for samples in ([a, b], (a, b)):
+        nested = to_nested_tensor(samples)
+        assert torch.equal(nested.tensors, expected.tensors)
+        assert torch.equal(nested.mask, expected.mask)
+
+
+def test_to_nested_tensor_single_3d_tensor_is_a_batch_of_one():
+    image = torch.rand(3, 4, 5)
+    nested = to_nested_tensor(image)
+    assert nested.tensors.shape == (1, 3, 4, 5)
+    torch.testing.assert_close(nested.tensors[0], image)
+    assert not nested.mask.any()
+
+
+@pytest.mark.parametrize("bad", [torch.rand(4, 5), torch.rand(1, 2, 3, 4, 5), np.zeros((2, 3, 4, 5)), "image", None])
+def test_to_nested_tensor_rejects_other_input(bad):
+    with pytest.raises(TypeError, match="NestedTensor"):
+        to_nested_tensor(bad)
+
+
+def test_collate_fn_batches_images_and_keeps_targets():
+    a, b = _images()
+    ta, tb = {"labels": torch.tensor([1])}, {"labels": torch.tensor([2, 3])}
+    samples, targets = collate_fn([(a, ta), (b, tb)])
+    assert isinstance(samples, NestedTensor)
+    assert samples.tensors.shape == (2, 3, 6, 5)
+    torch.testing.assert_close(samples.tensors[1, :, :6, :3], b)
+    assert isinstance(targets, tuple) and len(targets) == 2
+    assert targets[0] is ta and targets[1] is tb
+
+
+def test_smoothed_value_window_median_avg_and_global_avg():
+    meter = SmoothedValue(window_size=3)
+    for v in (1.0, 2.0, 3.0, 10.0):
+        meter.update(v)
+    # Window keeps the last 3 values: [2, 3, 10]; the global average covers all 4.
+    assert meter.median == pytest.approx(3.0)
+    assert meter.avg == pytest.approx(5.0)
+    assert meter.global_avg == pytest.approx(16.0 / 4)
+    assert meter.max == pytest.approx(10.0)
+    assert meter.value == pytest.approx(10.0)
+
+
+def test_smoothed_value_global_avg_weights_by_n():
+    meter = SmoothedValue(window_size=5)
+    meter.update(2.0, n=3)
+    meter.update(6.0, n=1)
+    assert meter.count == 4
+    assert meter.global_avg == pytest.approx((2.0 * 3 + 6.0) / 4)
+    assert meter.avg == pytest.approx(4.0)  # the window is per update, unweighted
+
+
+def test_smoothed_value_empty_global_avg_is_zero_and_str_formats():
+    meter = SmoothedValue(window_size=2, fmt="{median:.1f}|{global_avg:.2f}|{max:.0f}")
+    assert meter.global_avg == 0.0
+    meter.update(1.0)
+    meter.update(4.0)
+    # torch's median of an even window is the lower middle value.
+    assert str(meter) == "1.0|2.50|4"
