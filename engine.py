@@ -83,6 +83,8 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
     """Box AP and losses at every ratio in ``ratios`` (``[None]`` for plain DETR).
 
     The backbone runs once per batch; only the sampler, transformer and heads run per ratio.
+    Under several processes the loop has no collective (ranks may hold different numbers of
+    batches); detections and loss averages are gathered once at the end.
     Returns ``{f"{ratio_key(r)}{name}": value}`` with ``coco_eval_bbox`` the 12 COCO stats.
     """
     model.eval()
@@ -99,7 +101,7 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
         for ratio in ratios:
             with _autocast(device, amp):
                 outputs = model.predict(features, ratio)
-            loss_dict = reduce_dict(criterion(outputs, targets))
+            loss_dict = criterion(outputs, targets, sync_num_boxes=False)
             weighted = {k: v * criterion.weight_dict[k] for k, v in loss_dict.items() if k in criterion.weight_dict}
             loggers[ratio].update(loss=sum(weighted.values()), class_error=loss_dict["class_error"],
                                   **{k: v for k, v in weighted.items() if not k[-1].isdigit()})

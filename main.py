@@ -17,12 +17,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import num_classes_from_annotations
 from datasets.coco_eval import STAT_NAMES
+from datasets.samplers import ShardedBatchSampler
 from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
@@ -53,8 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone_weights", default="imagenet", type=str,
                    help="'imagenet' (torchvision weights, downloaded if not cached; FrozenBatchNorm), "
                         "'none' (from scratch: trainable BatchNorm, every stage trained) or a PATH to a ResNet state_dict")
-    g.add_argument("--backbone_last_stage", default=4, type=int, choices=(3, 4),
-                   help="ResNet stage that feeds the transformer: 4 = C5 (stride 32), 3 = C4 (stride 16)")
+    g.add_argument("--backbone_last_stage", default=4, type=int, choices=(2, 3, 4),
+                   help="ResNet stage that feeds the transformer: 4 = C5 (stride 32), 3 = C4 (stride 16), 2 = C3 (stride 8)")
     g.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage (stride 16)")
     g.add_argument("--position_embedding", default="sine", choices=("sine", "learned", "v2", "v3"),
                    help="sine (normalised, DETR v2) or learned (v3) position encoding")
@@ -75,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_ratio_lower_bound", default=1 / 3, type=float, help="lowest training poll ratio")
     g.add_argument("--sample_ratio_higher_bound", default=0.8, type=float, help="highest training poll ratio")
     g.add_argument("--unsample_abstract_number", default=0, type=int,
-                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16)")
+                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8)")
     g.add_argument("--score_pred_net", default="2layer-fc-256", choices=SCORE_PRED_NETS,
                    help="poll score network: C->C->1, C->16->1 or C->1 1x1 convs")
     g.add_argument("--kproj_net", default="1layer-fc", choices=KPROJ_NETS,
@@ -214,12 +215,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple[Optional[DataLoader], DataLoader]:
-    if args.distributed:
-        sampler_val = DistributedSampler(dataset_val, shuffle=False)
-    else:
-        sampler_val = SequentialSampler(dataset_val)
-    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    batches_val = ShardedBatchSampler(len(dataset_val), args.batch_size, utils.get_rank(), utils.get_world_size())
+    loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=utils.collate_fn,
+                            num_workers=args.num_workers)
     if dataset_train is None:
         return None, loader_val
     sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)

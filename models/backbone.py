@@ -63,7 +63,8 @@ class Backbone(nn.Module):
         return_interm_layers: also return stages 1..last_stage-1 (mask head).
         dilation: DC5, dilate the last stage instead of striding (resnet50/101 only).
         frozen_bn: FrozenBatchNorm2d (for pretrained weights) instead of trainable BatchNorm2d.
-        last_stage: 4 returns C5 (stride 32, or 16 with dilation); 3 returns C4 (stride 16).
+        last_stage: 4 returns C5 (stride 32, or 16 with dilation); 3 returns C4 (stride 16);
+            2 returns C3 (stride 8).
 
     With ``frozen_bn`` the published recipe trains stages 2-4 only; a from-scratch backbone
     (trainable BatchNorm) trains every stage.
@@ -74,13 +75,13 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in _STAGE_CHANNELS:
             raise UserError(f"--backbone: expected one of {sorted(_STAGE_CHANNELS)}, got {name!r}")
-        if last_stage not in (3, 4):
-            raise UserError(f"--backbone_last_stage: expected 3 or 4, got {last_stage}")
+        if last_stage not in (2, 3, 4):
+            raise UserError(f"--backbone_last_stage: expected 2, 3 or 4, got {last_stage}")
         if dilation and name in ("resnet18", "resnet34"):
             raise UserError(f"--dilation needs a bottleneck ResNet (resnet50/resnet101); "
                             f"torchvision cannot dilate {name}")
         if dilation and last_stage != 4:
-            raise UserError("--dilation dilates stage 4 and cannot be combined with --backbone_last_stage 3")
+            raise UserError(f"--dilation dilates stage 4 and cannot be combined with --backbone_last_stage {last_stage}")
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer,
                                                     replace_stride_with_dilation=[False, False, dilation])

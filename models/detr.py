@@ -163,13 +163,20 @@ class SetCriterion(nn.Module):
             losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, num_boxes).items()})
         return losses
 
-    def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Targets per image: ``labels (T,)`` int64 and ``boxes (T, 4)`` cxcywh in [0, 1]."""
+    def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]],
+                sync_num_boxes: bool = True) -> dict[str, Tensor]:
+        """Targets per image: ``labels (T,)`` int64 and ``boxes (T, 4)`` cxcywh in [0, 1].
+
+        The box count that normalises the losses is averaged over processes (an all-reduce)
+        unless ``sync_num_boxes`` is False, as in evaluation, where ranks may run different
+        numbers of batches.
+        """
         device = outputs["pred_logits"].device
         num_boxes = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        if is_dist_avail_and_initialized():
+        if sync_num_boxes and is_dist_avail_and_initialized():
             torch.distributed.all_reduce(num_boxes)
-        num_boxes = (num_boxes / get_world_size()).clamp(min=1)
+            num_boxes = num_boxes / get_world_size()
+        num_boxes = num_boxes.clamp(min=1)
 
         losses = self._losses_for(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):

@@ -220,8 +220,8 @@ def _activation(name: str) -> nn.Module:
 def build_transformer(args: Any) -> Transformer:
     sampler = None
     if not args.no_pnp:
-        stride_16 = args.dilation or getattr(args, "backbone_last_stage", 4) == 3
-        num_coarse = args.unsample_abstract_number or (100 if stride_16 else 30)
+        stride_32 = not args.dilation and getattr(args, "backbone_last_stage", 4) == 4
+        num_coarse = args.unsample_abstract_number or (30 if stride_32 else 100)
         sampler = PollAndPoolSampler(args.hidden_dim, num_coarse, default_ratio=args.sample_topk_ratio,
                                      score_pred_net=args.score_pred_net, kproj_net=args.kproj_net,
                                      pos_embed_kproj=args.pos_embed_kproj)

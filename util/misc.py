@@ -166,18 +166,6 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self) -> None:
-        """Sum count and total over processes (the window stays local)."""
-        if not is_dist_avail_and_initialized():
-            return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.barrier()
-        dist.all_reduce(t)
-        self.count = int(t[0].item())
-        self.total = float(t[1].item())
-
     @property
     def median(self) -> float:
         return float(torch.tensor(list(self.deque)).median().item())
@@ -220,8 +208,19 @@ class MetricLogger:
         self.meters[name] = meter
 
     def synchronize_between_processes(self) -> None:
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
+        """Sum every meter's count and total over processes (windows stay local).
+
+        Works when ranks saw different numbers of iterations, or none.
+        """
+        if not is_dist_avail_and_initialized():
+            return
+        merged: dict[str, tuple[int, float]] = {}
+        for part in all_gather({name: (m.count, m.total) for name, m in self.meters.items()}):
+            for name, (count, total) in part.items():
+                c, t = merged.get(name, (0, 0.0))
+                merged[name] = (c + count, t + total)
+        for name, (count, total) in merged.items():
+            self.meters[name].count, self.meters[name].total = count, total
 
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
