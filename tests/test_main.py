@@ -182,3 +182,10 @@ def test_bad_preset_is_named(tmp_path, capsys, text, needles):
     preset.write_text(text)
     code, _, err = _run(["--config", str(preset)], capsys)
     _one_line_error(code, err, *needles)
+
+
+def test_readme_documents_every_flag():
+    readme = open("README.md").read()
+    flags = [a.option_strings[0] for a in main.get_args_parser()._actions if a.dest != "help"]
+    missing = [f for f in flags if f"`{f}`" not in readme]
+    assert not missing, f"flags missing from README.md: {missing}"
