@@ -189,3 +189,15 @@ def test_readme_documents_every_flag():
     flags = [a.option_strings[0] for a in main.get_args_parser()._actions if a.dest != "help"]
     missing = [f for f in flags if f"`{f}`" not in readme]
     assert not missing, f"flags missing from README.md: {missing}"
+
+
+def test_corrupt_image_in_a_loader_worker_ends_in_one_line(synthetic_root, tiny_flags, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    victim = sorted((data / "train2017").iterdir())[0]
+    victim.write_bytes(b"not a png")
+    flags = list(tiny_flags)
+    flags[flags.index("--coco_path") + 1] = str(data)
+    flags[flags.index("--num_workers") + 1] = "1"
+    code, _, err = _run(flags + ["--output_dir", str(tmp_path / "out"), "--epochs", "1"], capsys)
+    _one_line_error(code, err, victim.name)
