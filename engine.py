@@ -1,6 +1,7 @@
 """One training epoch and the evaluation at several poll ratios."""
 import math
 import random
+import time
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -21,6 +22,12 @@ def _batch_size(item: tuple) -> int:
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the queued CUDA work, so that a clock read next covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
@@ -85,22 +92,39 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
     The backbone runs once per batch; only the sampler, transformer and heads run per ratio.
     Under several processes the loop has no collective (ranks may hold different numbers of
     batches); detections and loss averages are gathered once at the end.
-    Returns ``{f"{ratio_key(r)}{name}": value}`` with ``coco_eval_bbox`` the 12 COCO stats.
+    Returns ``{f"{ratio_key(r)}{name}": value}`` with ``coco_eval_bbox`` the 12 COCO stats and
+    ``images_per_s`` the model's speed at that ratio: images over the time of the shared
+    backbone pass plus that ratio's own pass (losses, post-processing and COCO evaluation
+    excluded; the first batch is a warm-up and is not timed unless it is the only one; the
+    speed of one process).
     """
     model.eval()
     criterion.eval()
     loggers = {r: MetricLogger() for r in ratios}
     evaluators = {r: CocoEvaluator(base_ds) for r in ratios}
     progress = MetricLogger()
-    for samples, targets in progress.log_every(data_loader, print_freq, "Test:", batch_size_of=_batch_size):
+    seconds_per_image = MetricLogger()  # one meter per ratio
+    num_batches = len(data_loader)
+    batches = progress.log_every(data_loader, print_freq, "Test:", batch_size_of=_batch_size)
+    for step, (samples, targets) in enumerate(batches):
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        timed = step > 0 or num_batches == 1  # the first batch warms up (allocator, kernels, compilation)
+        _synchronize(device)
+        start = time.perf_counter()
         with _autocast(device, amp):
             features = model.extract_features(samples)
+        _synchronize(device)
+        shared_seconds = time.perf_counter() - start
         for ratio in ratios:
+            start = time.perf_counter()
             with _autocast(device, amp):
                 outputs = model.predict(features, ratio)
+            _synchronize(device)
+            if timed:
+                seconds = shared_seconds + time.perf_counter() - start
+                seconds_per_image.meters[str(ratio)].update(seconds / len(targets), n=len(targets))
             loss_dict = criterion(outputs, targets, sync_num_boxes=False)
             weighted = {k: v * criterion.weight_dict[k] for k, v in loss_dict.items() if k in criterion.weight_dict}
             loggers[ratio].update(loss=sum(weighted.values()), class_error=loss_dict["class_error"],
@@ -108,6 +132,7 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
             results = postprocessors["bbox"](outputs, orig_sizes)
             evaluators[ratio].update({int(t["image_id"]): r for t, r in zip(targets, results)})
 
+    seconds_per_image.synchronize_between_processes()
     stats: dict[str, Any] = {}
     for ratio in ratios:
         loggers[ratio].synchronize_between_processes()
@@ -119,4 +144,6 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
         prefix = ratio_key(ratio)
         stats.update({f"{prefix}{k}": m.global_avg for k, m in loggers[ratio].meters.items()})
         stats[f"{prefix}coco_eval_bbox"] = list(evaluator.stats)
+        seconds = seconds_per_image.meters[str(ratio)].global_avg
+        stats[f"{prefix}images_per_s"] = 1 / seconds if seconds > 0 else 0.0
     return stats

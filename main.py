@@ -30,6 +30,8 @@ from models.backbone import load_backbone_weights
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError
+from util.flops import CONVENTION, mean_flops
+from util.plot_utils import plot_tradeoff
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
 
@@ -113,6 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"poll ratios to evaluate (training: {TRAIN_EVAL_RATIOS}; --eval: --sample_topk_ratio)")
     g.add_argument("--eval_every", default=1, type=int,
                    help="evaluate every N epochs during training (the last epoch always)")
+    g.add_argument("--flops_images", default=100, type=int,
+                   help="--eval: mean GFLOPs over the first N val images, counted one by one (0: not counted)")
+    g.add_argument("--baseline_eval", default=None,
+                   help="--eval: a DETR run's eval.json, drawn as the reference point of output_dir/tradeoff.png")
     g.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
     g.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
@@ -183,6 +189,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.flops_images < 0:
+        raise UserError(f"--flops_images must be 0 or more, got {args.flops_images}")
+    if args.baseline_eval and not args.eval:
+        raise UserError("--baseline_eval is only used with --eval")
 
 
 def seed_everything(seed: int) -> None:
@@ -201,16 +211,45 @@ def eval_rows(stats: dict[str, Any], ratios: list[Optional[float]]) -> list[dict
     rows = []
     for r in ratios:
         values = stats[f"{ratio_key(r)}coco_eval_bbox"]
-        rows.append({"ratio": r, **{name: float(v) for name, v in zip(STAT_NAMES, values)}})
+        rows.append({"ratio": r, **{name: float(v) for name, v in zip(STAT_NAMES, values)},
+                     "images_per_s": stats[f"{ratio_key(r)}images_per_s"]})
+    return rows
+
+
+def add_flops(rows: list[dict[str, Any]], model: torch.nn.Module, dataset, num_images: int,
+              device: torch.device) -> None:
+    """Add to each row the mean ``gflops`` (whole model) and ``gflops_transformer`` per image
+    over the first ``num_images`` images of ``dataset``, each counted alone (batch 1)."""
+    images = (dataset[i][0].to(device) for i in range(min(num_images, len(dataset))))
+    flops = mean_flops(model, images, [row["ratio"] for row in rows])
+    for row in rows:
+        row["gflops"] = flops[row["ratio"]].total
+        row["gflops_transformer"] = flops[row["ratio"]].transformer
+
+
+def read_baseline(path: str) -> list[dict[str, Any]]:
+    """The rows of a (DETR) ``eval.json`` for the trade-off plot; each needs ``AP`` and ``gflops``."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--baseline_eval: {path} does not exist") from None
+    except json.JSONDecodeError:
+        raise UserError(f"--baseline_eval: {path} is not JSON") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"AP", "gflops"} <= set(r) for r in rows):
+        raise UserError(f"--baseline_eval: {path} must be an eval.json whose rows have AP and gflops "
+                        "(written by --eval with --flops_images > 0)")
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The AP columns, then GFLOPs and img/s where the rows have them."""
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    lines = ["ratio  " + "  ".join(f"{n:>6}" for n in names)]
+    extras = [(key, title) for key, title in (("gflops", "GFLOPs"), ("images_per_s", "img/s")) if key in rows[0]]
+    lines = ["ratio  " + "  ".join(f"{n:>6}" for n in names) + "".join(f"  {title:>7}" for _, title in extras)]
     for row in rows:
         ratio = "DETR " if row["ratio"] is None else f"{row['ratio']:<5g}"
-        lines.append(f"{ratio}  " + "  ".join(f"{row[n]:6.3f}" for n in names))
+        lines.append(f"{ratio}  " + "  ".join(f"{row[n]:6.3f}" for n in names)
+                     + "".join(f"  {row[key]:7.2f}" for key, _ in extras))
     return "\n".join(lines)
 
 
@@ -290,12 +329,18 @@ def main(args: argparse.Namespace) -> None:
         ratios = (args.eval_ratios or [args.sample_topk_ratio]) if pnp else [None]
         if not resume:
             print("warning: evaluating a model with untrained weights (no --resume and no checkpoint in --output_dir)")
+        baseline = read_baseline(args.baseline_eval) if args.baseline_eval else None
         stats = evaluate(model_without_ddp, criterion, postprocessors, loader_val, base_ds, device, ratios, args.amp)
         rows = eval_rows(stats, ratios)
         if utils.is_main_process():
+            if args.flops_images > 0:
+                add_flops(rows, model_without_ddp, dataset_val, args.flops_images, device)
+                print(f"{CONVENTION}; mean over the first {min(args.flops_images, len(dataset_val))} val images")
             print(format_table(rows))
             if output_dir is not None:
                 (output_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+                if args.flops_images > 0:
+                    plot_tradeoff(rows, output_dir / "tradeoff.png", baseline)
         return
 
     ratios = (args.eval_ratios or TRAIN_EVAL_RATIOS) if pnp else [None]

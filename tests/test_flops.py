@@ -1,4 +1,6 @@
 """FLOP counting (util/flops.py) against hand formulas."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,33 @@ def test_mean_flops_averages_over_images():
     mean = mean_flops(model, [small, large, large], [0.5])[0.5]
     expected = (each[tuple(small.shape)].total + 2 * each[tuple(large.shape)].total) / 3
     assert mean.total == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- main.py --eval
+def test_eval_reports_gflops_speed_table_and_tradeoff_plot(tiny_flags, tmp_path, capsys):
+    detr_dir, pnp_dir = tmp_path / "detr", tmp_path / "pnp"
+    common = tiny_flags + ["--eval", "--flops_images", "3"]
+    assert main.run(common + ["--no_pnp", "--output_dir", str(detr_dir)]) == 0
+    assert main.run(common + ["--output_dir", str(pnp_dir), "--eval_ratios", "0.3", "1.0",
+                              "--baseline_eval", str(detr_dir / "eval.json")]) == 0
+    out = capsys.readouterr().out
+    assert "one multiply-add as one FLOP" in out and "mean over the first 3 val images" in out
+    header = [line for line in out.splitlines() if line.startswith("ratio")][-1]
+    assert header.split() == ["ratio", "AP", "AP50", "AP75", "APs", "APm", "APl", "GFLOPs", "img/s"]
+
+    detr = json.loads((detr_dir / "eval.json").read_text())
+    low, high = json.loads((pnp_dir / "eval.json").read_text())
+    for row in (*detr, low, high):
+        assert 0 < row["gflops_transformer"] < row["gflops"]
+        assert row["images_per_s"] > 0
+    assert low["gflops_transformer"] < high["gflops_transformer"]
+    assert low["gflops"] - low["gflops_transformer"] == pytest.approx(high["gflops"] - high["gflops_transformer"])
+    assert (pnp_dir / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_baseline_without_gflops_is_named(tiny_flags, tmp_path, capsys):
+    baseline = tmp_path / "eval.json"
+    baseline.write_text(json.dumps([{"ratio": None, "AP": 0.4}]))
+    code = main.run(tiny_flags + ["--eval", "--baseline_eval", str(baseline)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--baseline_eval" in err[0] and "gflops" in err[0]

@@ -55,7 +55,7 @@ def test_eval_writes_one_row_per_ratio_with_named_stats(trained, capsys):
     rows = json.loads((out / "eval.json").read_text())
     assert [row["ratio"] for row in rows] == [0.3, 1.0]
     for row in rows:
-        assert set(row) == {"ratio", *STAT_NAMES}
+        assert set(row) == {"ratio", *STAT_NAMES, "gflops", "gflops_transformer", "images_per_s"}
         assert all(-1.0 <= row[name] <= 1.0 for name in STAT_NAMES)
 
 
