@@ -2,10 +2,7 @@
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -19,7 +16,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path,
     ``rows`` and ``baseline`` are ``eval.json`` rows with ``AP`` and ``gflops``; the
     baseline (a DETR evaluation) is drawn as separate reference points.
     """
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.add_subplot()
     points = sorted(rows, key=lambda row: row["gflops"])
     ax.plot([r["gflops"] for r in points], [100 * r["AP"] for r in points], "o-", label="this model")
     for row in points:
@@ -33,4 +31,3 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path,
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
