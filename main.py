@@ -345,7 +345,10 @@ def main(args: argparse.Namespace) -> None:
 
     ratios = (args.eval_ratios or TRAIN_EVAL_RATIOS) if pnp else [None]
     ratio_bounds = (args.sample_ratio_lower_bound, args.sample_ratio_higher_bound) if pnp else None
-    print(f"training epochs {args.start_epoch}..{args.epochs - 1}")
+    if args.start_epoch >= args.epochs:
+        print(f"nothing to train: the checkpoint already holds epoch {args.start_epoch - 1} of --epochs {args.epochs}")
+    else:
+        print(f"training epochs {args.start_epoch}..{args.epochs - 1}")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         seed_everything(epoch_seed(args, epoch))
