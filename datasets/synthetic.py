@@ -5,7 +5,13 @@ thin lines and small specks that are not objects) and 0 to 6 filled shapes of 6 
 Shapes keep at least 60% of their pixels visible when they overlap; boxes are tight around
 the visible pixels and ``area`` is their count. The same seed gives byte-identical files.
 
+With ``--panoptic`` the background also holds stuff regions (a flat-coloured band across the
+image, a checkered patch; the rest is the gradient) from a random stream of their own, so the
+shapes, their placement and the boxes are the same as without; the COCO panoptic annotations
+(things = the shapes, stuff = gradient, band, checker) are written beside the detection ones.
+
     python -m datasets.synthetic --out data/shapes --num_train 1000 --num_val 200
+    python -m datasets.synthetic --out data/shapes_panoptic --panoptic
 """
 from __future__ import annotations
 
@@ -17,11 +23,18 @@ import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image, ImageDraw
 
 from util.errors import UserError
 
 CATEGORIES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
+STUFF_CATEGORIES = ["gradient", "band", "checker"]  # ids 7, 8, 9 with --panoptic
+GRADIENT, BAND, CHECKER = (len(CATEGORIES) + 1 + i for i in range(len(STUFF_CATEGORIES)))
+BAND_PROBABILITY, CHECKER_PROBABILITY = 0.7, 0.6
+BAND_HALF_WIDTH = (0.08, 0.2)  # / shorter image side
+CHECKER_SIDE = (0.25, 0.6)  # / image side
+CHECKER_CELL = (3, 7)  # pixels
 MAX_OBJECTS = 6
 MIN_REL_SIZE, MAX_REL_SIZE = 0.07, 0.45  # object size / shorter image side (uniform)
 MIN_VISIBLE = 0.6  # fraction of an object's pixels that later objects must leave visible
@@ -86,6 +99,36 @@ def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.float64)
 
 
+def render_stuff(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Paint stuff regions over ``image`` (float ``(H, W, 3)``, in place); returns their category map.
+
+    The map ``(H, W)`` holds ``GRADIENT`` where the background shows, ``BAND`` under a
+    flat-coloured band at a random angle (probability 0.7) and ``CHECKER`` under a
+    two-colour checkerboard rectangle (probability 0.6, painted last).
+    """
+    height, width = image.shape[:2]
+    stuff = np.full((height, width), GRADIENT, dtype=np.int64)
+    ys, xs = np.mgrid[0:height, 0:width]
+    if rng.uniform() < BAND_PROBABILITY:
+        angle = rng.uniform(0, math.pi)
+        along = xs * math.cos(angle) + ys * math.sin(angle)
+        centre = rng.uniform(along.min(), along.max())
+        half_width = rng.uniform(*BAND_HALF_WIDTH) * min(height, width)
+        band = np.abs(along - centre) < half_width
+        image[band] = rng.uniform(0, 255, size=3)
+        stuff[band] = BAND
+    if rng.uniform() < CHECKER_PROBABILITY:
+        patch_h, patch_w = (int(rng.uniform(*CHECKER_SIDE) * side) for side in (height, width))
+        top, left = int(rng.integers(0, height - patch_h + 1)), int(rng.integers(0, width - patch_w + 1))
+        cell = int(rng.integers(*CHECKER_CELL))
+        colours = rng.uniform(0, 255, size=(2, 3))
+        region = (slice(top, top + patch_h), slice(left, left + patch_w))
+        parity = (ys[region] // cell + xs[region] // cell) % 2
+        image[region] = colours[parity]
+        stuff[region] = CHECKER
+    return stuff
+
+
 def contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """A random RGB colour far (if found in a few draws) from the mean colour ``under`` it."""
     colours = rng.integers(0, 256, size=(10, 3)).astype(np.float64)
@@ -119,8 +162,21 @@ def place_shape(rng: np.random.Generator, category: int, owner: np.ndarray,
 def render_image(rng: np.random.Generator, image_size: int
                  ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """One uint8 ``(H, W, 3)`` image and its objects as ``(category_id, visible mask)``."""
+    pixels, objects, _ = render_panoptic_image(rng, None, image_size)
+    return pixels, objects
+
+
+def render_panoptic_image(rng: np.random.Generator, stuff_rng: Optional[np.random.Generator], image_size: int
+                          ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], Optional[np.ndarray]]:
+    """``render_image`` plus, with a ``stuff_rng``, stuff regions and their ``(H, W)`` category map
+    (see ``render_stuff``; 0 where a shape covers the background), else None.
+
+    ``rng`` draws exactly what it draws without stuff, so the shapes are the same either way
+    (their colours contrast with what lies under them, so they may differ).
+    """
     width, height = (int(round(s * image_size)) for s in rng.uniform(0.75, 1.0, size=2))
     image = background(rng, height, width)
+    stuff = None if stuff_rng is None else render_stuff(stuff_rng, image)
     owner = np.full((height, width), -1, dtype=np.int64)
     categories: list[int] = []
     full_areas: list[int] = []
@@ -135,7 +191,9 @@ def render_image(rng: np.random.Generator, image_size: int
         full_areas.append(int(mask.sum()))
     image = np.clip(image + rng.normal(0, NOISE_STD, size=image.shape), 0, 255)
     objects = [(category, owner == index) for index, category in enumerate(categories)]
-    return np.round(image).astype(np.uint8), objects
+    if stuff is not None:
+        stuff[owner >= 0] = 0
+    return np.round(image).astype(np.uint8), objects, stuff
 
 
 def annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -> dict[str, Any]:
@@ -147,14 +205,54 @@ def annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -
             "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}
 
 
-def write_split(out: str, split: int, name: str, num_images: int, image_size: int, seed: int) -> int:
-    """Write ``out/{name}2017/*.png`` and its json; returns the number of objects."""
+def panoptic_segments(objects: list[tuple[int, np.ndarray]], stuff: np.ndarray
+                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Segment id map ``(H, W)`` and ``segments_info`` of one image, COCO panoptic style.
+
+    Shapes get ids 1..K in drawing order, then each stuff class present one more id.
+    """
+    ids = np.zeros(stuff.shape, dtype=np.uint32)
+    segments = []
+    regions = list(objects) + [(category_id, stuff == category_id) for category_id in (GRADIENT, BAND, CHECKER)]
+    for category_id, mask in regions:
+        if not mask.any():
+            continue
+        segment_id = len(segments) + 1
+        ids[mask] = segment_id
+        box = annotation(mask, segment_id, 0, category_id)["bbox"]
+        segments.append({"id": segment_id, "category_id": category_id, "bbox": box,
+                         "area": int(mask.sum()), "iscrowd": 0})
+    return ids, segments
+
+
+def write_panoptic_json(out: str, name: str, images: list[dict], annotations: list[dict]) -> None:
+    """``out/annotations/panoptic_{name}2017.json`` with things (the shapes) and stuff categories."""
+    things = [{"id": i + 1, "name": n, "supercategory": "shape", "isthing": 1} for i, n in enumerate(CATEGORIES)]
+    stuff = [{"id": GRADIENT + i, "name": n, "supercategory": "background", "isthing": 0}
+             for i, n in enumerate(STUFF_CATEGORIES)]
+    data = {"info": {"description": "synthetic shapes, panoptic (python -m datasets.synthetic --panoptic)"},
+            "images": images, "annotations": annotations, "categories": things + stuff}
+    with open(os.path.join(out, "annotations", f"panoptic_{name}2017.json"), "w") as f:
+        json.dump(data, f)
+
+
+def write_split(out: str, split: int, name: str, num_images: int, image_size: int, seed: int,
+                panoptic: bool = False) -> int:
+    """Write ``out/{name}2017/*.png`` and its json; returns the number of objects.
+
+    ``panoptic`` renders stuff too and writes ``out/annotations/panoptic_{name}2017.json`` and
+    its PNGs in ``out/annotations/panoptic_{name}2017/``.
+    """
     image_dir = os.path.join(out, f"{name}2017")
+    png_dir = os.path.join(out, "annotations", f"panoptic_{name}2017")
     os.makedirs(image_dir, exist_ok=True)
-    images, annotations = [], []
+    if panoptic:
+        os.makedirs(png_dir, exist_ok=True)
+    images, annotations, panoptic_annotations = [], [], []
     for index in range(num_images):
         rng = np.random.default_rng([seed, split, index])
-        pixels, objects = render_image(rng, image_size)
+        stuff_rng = np.random.default_rng([seed, split, index, 1]) if panoptic else None
+        pixels, objects, stuff = render_panoptic_image(rng, stuff_rng, image_size)
         image_id = index + 1
         file_name = f"{image_id:012d}.png"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name))
@@ -162,6 +260,12 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
                        "height": pixels.shape[0], "width": pixels.shape[1]})
         for category_id, mask in objects:
             annotations.append(annotation(mask, len(annotations) + 1, image_id, category_id))
+        if panoptic:
+            ids, segments = panoptic_segments(objects, stuff)
+            Image.fromarray(id2rgb(ids)).save(os.path.join(png_dir, file_name))
+            panoptic_annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": segments})
+    if panoptic:
+        write_panoptic_json(out, name, images, panoptic_annotations)
     data = {
         "info": {"description": "synthetic shapes (python -m datasets.synthetic)",
                  "seed": seed, "image_size": image_size},
@@ -175,19 +279,23 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
     return len(annotations)
 
 
-def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int) -> None:
-    """Write the dataset under ``out`` (COCO layout) and print a one-line summary."""
+def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int, panoptic: bool = False) -> None:
+    """Write the dataset under ``out`` (COCO layout; ``panoptic``: also COCO panoptic) and print a
+    one-line summary."""
     if num_train < 0 or num_val < 0:
         raise UserError(f"--num_train/--num_val must be >= 0, got {num_train}/{num_val}")
     if image_size < 32:
         raise UserError(f"--image_size must be at least 32 pixels, got {image_size}")
     start = time.time()
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    objects = [write_split(out, split, name, count, image_size, seed)
+    objects = [write_split(out, split, name, count, image_size, seed, panoptic)
                for split, (name, count) in enumerate([("train", num_train), ("val", num_val)])]
+    classes = f"{len(CATEGORIES)} classes (num_classes {len(CATEGORIES) + 1})"
+    if panoptic:
+        classes = (f"{len(CATEGORIES)} thing + {len(STUFF_CATEGORIES)} stuff classes, panoptic "
+                   f"(num_classes {CHECKER + 1})")
     print(f"synthetic shapes: {num_train} train / {num_val} val images, {objects[0]} / {objects[1]} "
-          f"objects, {len(CATEGORIES)} classes (num_classes {len(CATEGORIES) + 1}), "
-          f"written to {out} in {time.time() - start:.1f}s")
+          f"objects, {classes}, written to {out} in {time.time() - start:.1f}s")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -206,9 +314,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--image_size", type=int, default=160,
                         help="largest image side in pixels (default 160)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--panoptic", action="store_true",
+                        help="also paint stuff regions (a band, a checkered patch; the rest is the "
+                             "gradient: category ids 7-9, isthing 0) and write COCO panoptic annotations: "
+                             "OUT/annotations/panoptic_{train,val}2017.json and PNGs in "
+                             "OUT/annotations/panoptic_{train,val}2017/ (num_classes 10). Use it with "
+                             "--dataset_file coco_panoptic --coco_path OUT --coco_panoptic_path OUT")
     args = parser.parse_args(argv)
     try:
-        generate(args.out, args.num_train, args.num_val, args.image_size, args.seed)
+        generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic)
     except UserError as err:
         parser.error(str(err))
 

@@ -5,6 +5,7 @@ dict (the input dict is not modified). Until ``Normalize`` the target holds:
 
 - ``boxes``: float ``(K, 4)``, xyxy in absolute pixels of the current image;
 - ``labels``: int64 ``(K,)``; ``area``: float ``(K,)``; ``iscrowd``: int64 ``(K,)``;
+- ``masks`` (panoptic targets only): bool ``(K, H, W)`` at the current image size;
 - ``image_id``: int64 ``(1,)``; ``orig_size`` and ``size``: int64 ``(2,)`` = ``[h, w]``.
 
 ``Normalize`` turns ``boxes`` into ``(cx, cy, w, h)`` divided by the image width/height.
@@ -26,7 +27,7 @@ from util.errors import UserError
 Target = dict[str, Tensor]
 Image = Any  # a PIL image before ToTensor, a (3, H, W) tensor after
 
-PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd")
+PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd", "masks")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -59,11 +60,14 @@ def crop(image: Image, target: Target, top: int, left: int, height: int, width: 
          ) -> tuple[Image, Target]:
     """Crop a ``height x width`` region; boxes are shifted, clipped and emptied ones dropped.
 
-    ``area`` becomes the area of the clipped box.
+    ``area`` becomes the area of the clipped box; ``masks`` are cropped alike.
     """
     image = F.crop(image, top, left, height, width)
     boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=target["boxes"].dtype)
-    target = clip_boxes({**target, "boxes": boxes}, height, width)
+    target = {**target, "boxes": boxes}
+    if "masks" in target:
+        target["masks"] = target["masks"][:, top:top + height, left:left + width]
+    target = clip_boxes(target, height, width)
     clipped = target["boxes"]
     target["area"] = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     target["size"] = torch.tensor([height, width], dtype=torch.int64)
@@ -75,7 +79,10 @@ def hflip(image: Image, target: Target) -> tuple[Image, Target]:
     _, width = image_hw(image)
     x0, y0, x1, y1 = target["boxes"].unbind(-1)
     boxes = torch.stack([width - x1, y0, width - x0, y1], dim=-1)
-    return F.hflip(image), {**target, "boxes": boxes}
+    target = {**target, "boxes": boxes}
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return F.hflip(image), target
 
 
 def resized_hw(height: int, width: int, size: int, max_size: Optional[int]) -> tuple[int, int]:
@@ -95,7 +102,10 @@ def resized_hw(height: int, width: int, size: int, max_size: Optional[int]) -> t
 
 def resize(image: Image, target: Target, size: int, max_size: Optional[int] = None
            ) -> tuple[Image, Target]:
-    """Resize the shorter side to ``size`` (see ``resized_hw``), scaling boxes and areas."""
+    """Resize the shorter side to ``size`` (see ``resized_hw``), scaling boxes and areas.
+
+    ``masks`` are resized with nearest-neighbour sampling.
+    """
     height, width = image_hw(image)
     new_height, new_width = resized_hw(height, width, size, max_size)
     image = F.resize(image, [new_height, new_width])
@@ -105,6 +115,9 @@ def resize(image: Image, target: Target, size: int, max_size: Optional[int] = No
               "size": torch.tensor([new_height, new_width], dtype=torch.int64)}
     if "area" in target:
         target["area"] = target["area"] * (scale_w * scale_h)
+    if "masks" in target:
+        masks = target["masks"][:, None].to(torch.uint8)  # (K, 1, H, W): K may be 0
+        target["masks"] = torch.nn.functional.interpolate(masks, size=(new_height, new_width))[:, 0].bool()
     return image, target
 
 

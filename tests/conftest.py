@@ -37,6 +37,15 @@ def synthetic_root(tmp_path_factory, synthetic_params) -> str:
     return root
 
 
+@pytest.fixture(scope="session")
+def synthetic_panoptic_root(tmp_path_factory) -> str:
+    """Folder of a tiny synthetic dataset with COCO panoptic annotations (things and stuff)."""
+    root = str(tmp_path_factory.mktemp("synthetic_panoptic"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate(root, num_train=12, num_val=4, image_size=48, seed=0, panoptic=True)
+    return root
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 

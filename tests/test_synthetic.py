@@ -1,6 +1,8 @@
 """Synthetic shapes dataset generator (datasets/synthetic.py)."""
 import contextlib
+import hashlib
 import io
+import json
 import os
 
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from datasets.synthetic import CATEGORIES, annotation, generate, main, render_image
+from datasets.synthetic import (BAND, CATEGORIES, CHECKER, GRADIENT, STUFF_CATEGORIES, annotation, generate, main,
+                                render_image, render_stuff)
 
 
 def all_files(root):
@@ -127,3 +130,96 @@ def test_bad_image_size_is_rejected(tmp_path, capsys):
         main(["--out", str(tmp_path), "--image_size", "8"])
     assert excinfo.value.code == 2
     assert "--image_size" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- panoptic
+def _pixels_and_json_digest(root):
+    """sha256 over the decoded pixels of every PNG and the bytes of every other file."""
+    digest = hashlib.sha256()
+    for name, data in sorted(all_files(root).items()):
+        digest.update(name.encode())
+        digest.update(np.asarray(Image.open(io.BytesIO(data))).tobytes() if name.endswith(".png") else data)
+    return digest.hexdigest()
+
+
+def test_detection_output_is_unchanged_by_the_panoptic_extension(tmp_path):
+    # Digest of the generator as it was before --panoptic existed (same seed and flags).
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate(str(tmp_path), num_train=3, num_val=1, image_size=40, seed=5)
+    assert _pixels_and_json_digest(str(tmp_path)) == "b81763e71088ac03cf9d6bc6efef4831b74e56ec53126c1bba69e64a3bcb942e"
+
+
+def _panoptic(root, split):
+    with open(os.path.join(root, "annotations", f"panoptic_{split}2017.json")) as f:
+        return json.load(f)
+
+
+def _ids(root, split, file_name):
+    with Image.open(os.path.join(root, "annotations", f"panoptic_{split}2017", file_name)) as png:
+        assert png.mode == "RGB"
+        rgb = np.asarray(png, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def test_panoptic_pngs_match_their_segments(synthetic_panoptic_root):
+    for split in ("train", "val"):
+        data = _panoptic(synthetic_panoptic_root, split)
+        images = {image["id"]: image for image in data["images"]}
+        for ann in data["annotations"]:
+            ids = _ids(synthetic_panoptic_root, split, ann["file_name"])
+            image = images[ann["image_id"]]
+            assert ids.shape == (image["height"], image["width"])
+            segments = {s["id"]: s for s in ann["segments_info"]}
+            assert set(np.unique(ids).tolist()) == set(segments), "no void pixel, no unlisted id"
+            for segment_id, segment in segments.items():
+                mask = ids == segment_id
+                assert segment["area"] == mask.sum() and segment["iscrowd"] == 0
+                assert segment["bbox"] == annotation(mask, 0, 0, 0)["bbox"]
+
+
+def test_panoptic_things_are_the_detection_objects(synthetic_panoptic_root):
+    coco = load(synthetic_panoptic_root, "train")
+    data = _panoptic(synthetic_panoptic_root, "train")
+    categories = {c["id"]: c for c in data["categories"]}
+    assert [c["name"] for c in data["categories"]] == CATEGORIES + STUFF_CATEGORIES
+    assert [c["isthing"] for c in data["categories"]] == [1] * 6 + [0] * 3
+    used_stuff = set()
+    for ann in data["annotations"]:
+        things = [s for s in ann["segments_info"] if categories[s["category_id"]]["isthing"]]
+        objects = coco.imgToAnns[ann["image_id"]]
+        assert [(s["category_id"], s["bbox"], s["area"]) for s in things] == \
+            [(o["category_id"], o["bbox"], o["area"]) for o in objects]
+        used_stuff |= {s["category_id"] for s in ann["segments_info"]} - set(range(1, 7))
+    assert used_stuff == {7, 8, 9}
+
+
+def test_panoptic_keeps_the_shapes_and_is_deterministic(tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate(str(tmp_path / "plain"), num_train=4, num_val=1, image_size=48, seed=3)
+        generate(str(tmp_path / "a"), num_train=4, num_val=1, image_size=48, seed=3, panoptic=True)
+        generate(str(tmp_path / "b"), num_train=4, num_val=1, image_size=48, seed=3, panoptic=True)
+    plain, a = all_files(str(tmp_path / "plain")), all_files(str(tmp_path / "a"))
+    assert all_files(str(tmp_path / "b")) == a
+    assert a["annotations/instances_train2017.json"] == plain["annotations/instances_train2017.json"]
+    assert a["train2017/000000000001.png"] != plain["train2017/000000000001.png"]  # stuff is painted
+
+
+def test_render_stuff_paints_a_band_and_a_checkered_patch():
+    for seed in range(20):
+        image = np.zeros((40, 50, 3))
+        stuff = render_stuff(np.random.default_rng(seed), image)
+        for category_id in np.unique(stuff):
+            assert category_id in (GRADIENT, BAND, CHECKER)
+        assert ((stuff == GRADIENT) == (image == 0).all(-1)).all()
+        if (stuff == BAND).any():
+            band_colours = np.unique(image[stuff == BAND], axis=0)
+            assert len(band_colours) == 1, "a band is one flat colour"
+        if (stuff == CHECKER).any():
+            assert len(np.unique(image[stuff == CHECKER], axis=0)) == 2, "a checker has two colours"
+
+
+def test_command_line_panoptic(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--num_train", "1", "--num_val", "1", "--image_size", "32", "--panoptic"])
+    assert "3 stuff classes" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "annotations" / "panoptic_val2017.json")
+    assert os.path.isfile(tmp_path / "annotations" / "panoptic_val2017" / "000000000001.png")
