@@ -4,10 +4,12 @@ from typing import Any
 from torch import nn
 
 from .detr import DETR, PostProcess, SetCriterion, build
+from .segmentation import DETRsegm, build as build_segmentation
 
 
-def build_model(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
-    return build(args)
+def build_model(args: Any) -> tuple[DETR | DETRsegm, SetCriterion, dict[str, nn.Module]]:
+    """The detector, or with ``--masks`` the segmentation model wrapping it."""
+    return build_segmentation(args) if args.masks else build(args)
 
 
-__all__ = ["DETR", "PostProcess", "SetCriterion", "build_model"]
+__all__ = ["DETR", "DETRsegm", "PostProcess", "SetCriterion", "build_model"]

@@ -92,6 +92,7 @@ class Backbone(nn.Module):
         self.body = ResNetBody(resnet, last_stage, return_stages)
         self.name = name
         self.num_channels = _STAGE_CHANNELS[name][last_stage - 1]
+        self.stage_channels = _STAGE_CHANNELS[name][:last_stage]
         self.strides = [4, 8, 16, 16 if dilation else 32][:last_stage]
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:

@@ -12,6 +12,7 @@ from util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialize
 
 from .backbone import Joiner, build_backbone
 from .matcher import HungarianMatcher, build_matcher
+from .pnp import SampledTokens
 from .transformer import Transformer, build_transformer
 
 
@@ -83,6 +84,10 @@ class DETR(nn.Module):
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
         hs, _, sampled = self.transformer(features.src, features.mask, self.query_embed.weight,
                                           features.pos, sample_ratio)
+        return self.detection_outputs(hs, sampled)
+
+    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens]) -> dict[str, Any]:
+        """The output dict of ``forward`` from the decoder outputs ``hs (layers, B, Q, C)``."""
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
@@ -101,8 +106,9 @@ class DETR(nn.Module):
 class SetCriterion(nn.Module):
     """DETR's set loss: Hungarian matching, then class, box and (PnP) sampler terms.
 
-    ``losses`` picks among ``labels`` (``loss_ce``, logs ``class_error``), ``boxes``
-    (``loss_bbox``, ``loss_giou``) and ``cardinality`` (logs ``cardinality_error``). The
+    ``losses`` names the ``loss_{name}`` methods to run: ``labels`` (``loss_ce``, logs
+    ``class_error``), ``boxes`` (``loss_bbox``, ``loss_giou``) and ``cardinality`` (logs
+    ``cardinality_error``); ``models.segmentation`` adds ``masks``. The
     terms are repeated with suffix ``_{i}`` for every auxiliary decoder output, and the
     sampler's ``sample_reg_loss`` is passed through. ``weight_dict`` says how each term
     enters the total loss. Everything is computed in float32.
@@ -159,7 +165,7 @@ class SetCriterion(nn.Module):
         indices = self.matcher(outputs, targets)
         losses = {}
         for name in self.losses:
-            fn = {"labels": self.loss_labels, "boxes": self.loss_boxes, "cardinality": self.loss_cardinality}[name]
+            fn = getattr(self, f"loss_{name}")
             losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, num_boxes).items()})
         return losses
 
@@ -202,9 +208,11 @@ class PostProcess(nn.Module):
 
 
 def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
-    """Model, criterion and post-processors from the parsed command-line flags."""
-    if args.masks:
-        raise UserError("--masks (panoptic segmentation) is not available in this version")
+    """Model, criterion and post-processors from the parsed command-line flags.
+
+    With ``--masks`` this is the detector that ``models.segmentation.build`` wraps (its
+    backbone then also returns the earlier stages).
+    """
     if args.num_classes is None or args.num_classes < 1:
         raise UserError(f"--num_classes: expected a positive class count, got {args.num_classes}")
     model = DETR(build_backbone(args), build_transformer(args), num_classes=args.num_classes,

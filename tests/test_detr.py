@@ -173,9 +173,7 @@ def test_detr_checkpoint_key_layout():
     assert "transformer.encoder.norm.weight" not in sd
 
 
-def test_build_rejects_masks_and_missing_class_count():
-    with pytest.raises(UserError, match="--masks"):
-        build(tiny_args("--masks"))
+def test_build_rejects_a_missing_class_count():
     args = tiny_args()
     args.num_classes = None
     with pytest.raises(UserError, match="--num_classes"):

@@ -19,24 +19,27 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 SAMPLER_PREFIX = "transformer.sampler."
 
 
-def read_checkpoint(source: str) -> dict[str, Any]:
-    """Load a checkpoint from a path, or from a URL (downloaded only because it was asked for)."""
+def read_checkpoint(source: str, flag: str = "--resume") -> dict[str, Any]:
+    """Load a checkpoint from a path, or from a URL (downloaded only because it was asked for).
+
+    ``flag`` names the command-line flag that gave ``source`` in error messages.
+    """
     if source.startswith(("http://", "https://")):
         try:
             checkpoint = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False,
                                                             weights_only=True)
         except OSError as err:
-            raise UserError(f"--resume {source}: download failed ({err}); give a local file instead") from None
+            raise UserError(f"{flag} {source}: download failed ({err}); give a local file instead") from None
     else:
         if not os.path.isfile(source):
-            raise UserError(f"--resume: {source} does not exist")
+            raise UserError(f"{flag}: {source} does not exist")
         try:
             checkpoint = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling raises many exception types
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--resume: {source} is not a readable PyTorch checkpoint ({first_line})") from None
+            raise UserError(f"{flag}: {source} is not a readable PyTorch checkpoint ({first_line})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise UserError(f"--resume: {source} is not a DETR/PnP-DETR checkpoint (expected a dict with a 'model' state_dict)")
+        raise UserError(f"{flag}: {source} is not a DETR/PnP-DETR checkpoint (expected a dict with a 'model' state_dict)")
     return checkpoint
 
 
