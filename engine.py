@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from datasets.coco_eval import CocoEvaluator
+from datasets.panoptic_eval import GROUP_KEYS, PanopticEvaluator
 from models.detr import DETR
 from util.misc import MetricLogger, SmoothedValue, reduce_dict
 
@@ -97,11 +98,18 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
     backbone pass plus that ratio's own pass (losses, post-processing and COCO evaluation
     excluded; the first batch is a warm-up and is not timed unless it is the only one; the
     speed of one process).
+    With a ``panoptic`` post-processor (``--masks``) the stats also hold ``PQ_all``, ``PQ_th`` and
+    ``PQ_st`` (``{"pq", "sq", "rq", "n"}`` each) against ``data_loader.dataset``'s panoptic
+    ground truth (a ``CocoPanoptic``).
     """
     model.eval()
     criterion.eval()
     loggers = {r: MetricLogger() for r in ratios}
     evaluators = {r: CocoEvaluator(base_ds) for r in ratios}
+    panoptic_evaluators = {}
+    if "panoptic" in postprocessors:
+        dataset = data_loader.dataset
+        panoptic_evaluators = {r: PanopticEvaluator(dataset.panoptic, dataset.ann_folder) for r in ratios}
     progress = MetricLogger()
     seconds_per_image = MetricLogger()  # one meter per ratio
     num_batches = len(data_loader)
@@ -131,6 +139,10 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
                                   **{k: v for k, v in weighted.items() if not k[-1].isdigit()})
             results = postprocessors["bbox"](outputs, orig_sizes)
             evaluators[ratio].update({int(t["image_id"]): r for t, r in zip(targets, results)})
+            if panoptic_evaluators:
+                sizes = torch.stack([t["size"] for t in targets])
+                panoptic = postprocessors["panoptic"](outputs, sizes, orig_sizes)
+                panoptic_evaluators[ratio].update({int(t["image_id"]): p for t, p in zip(targets, panoptic)})
 
     seconds_per_image.synchronize_between_processes()
     stats: dict[str, Any] = {}
@@ -144,6 +156,13 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
         prefix = ratio_key(ratio)
         stats.update({f"{prefix}{k}": m.global_avg for k, m in loggers[ratio].meters.items()})
         stats[f"{prefix}coco_eval_bbox"] = list(evaluator.stats)
+        if panoptic_evaluators:
+            panoptic_evaluator = panoptic_evaluators[ratio]
+            panoptic_evaluator.synchronize_between_processes()
+            panoptic_evaluator.accumulate()
+            print(f"Panoptic quality at poll ratio {ratio}:" if ratio is not None else "Panoptic quality:")
+            panoptic_evaluator.summarize()
+            stats.update({f"{prefix}{GROUP_KEYS[group]}": result for group, result in panoptic_evaluator.results.items()})
         seconds = seconds_per_image.meters[str(ratio)].global_avg
         stats[f"{prefix}images_per_s"] = 1 / seconds if seconds > 0 else 0.0
     return stats

@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
-from datasets.coco import num_classes_from_annotations
 from datasets.coco_eval import STAT_NAMES
+from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
 from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
+from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError
 from util.flops import CONVENTION, mean_flops
@@ -69,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--nheads", default=8, type=int, help="attention heads")
     g.add_argument("--num_queries", default=100, type=int, help="object queries (the most boxes per image)")
     g.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers (default post-norm)")
-    g.add_argument("--masks", action="store_true", help="train the segmentation head")
+    g.add_argument("--masks", action="store_true",
+                   help="panoptic segmentation: add the mask head (needs --dataset_file coco_panoptic)")
     g.add_argument("--num_classes", default=None, type=int,
                    help="number of class logits before no-object (default: max category id + 1 of the train annotations)")
     g = p.add_argument_group("poll-and-pool sampler")
@@ -96,9 +98,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--giou_loss_coef", default=2, type=float, help="GIoU loss weight")
     g.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_file", default="coco", help="dataset kind: coco (any COCO-format detection dataset)")
+    g.add_argument("--dataset_file", default="coco",
+                   help="dataset kind: coco (any COCO-format detection dataset) or coco_panoptic (COCO panoptic)")
     g.add_argument("--coco_path", type=str, default=None, help="COCO-format dataset root")
-    g.add_argument("--coco_panoptic_path", type=str, default=None, help="COCO panoptic root (--masks)")
+    g.add_argument("--coco_panoptic_path", type=str, default=None,
+                   help="COCO panoptic root with annotations/panoptic_{train,val}2017.json and PNGs "
+                        "(--dataset_file coco_panoptic; images come from --coco_path)")
     g.add_argument("--eval_size", default=800, type=int,
                    help="shorter side at evaluation; training scales the published augmentation by eval_size/800")
     g.add_argument("--num_workers", default=2, type=int, help="data loading processes per training process")
@@ -213,6 +218,8 @@ def eval_rows(stats: dict[str, Any], ratios: list[Optional[float]]) -> list[dict
         values = stats[f"{ratio_key(r)}coco_eval_bbox"]
         rows.append({"ratio": r, **{name: float(v) for name, v in zip(STAT_NAMES, values)},
                      "images_per_s": stats[f"{ratio_key(r)}images_per_s"]})
+        if f"{ratio_key(r)}PQ_all" in stats:
+            rows[-1].update(panoptic_row(stats, ratio_key(r)))
     return rows
 
 
@@ -291,11 +298,13 @@ def main(args: argparse.Namespace) -> None:
         if isinstance(saved, dict) and saved.get("num_classes"):
             args.num_classes = saved["num_classes"]
         else:
-            args.num_classes = num_classes_from_annotations((dataset_val if args.eval else dataset_train).ann_file)
+            args.num_classes = (dataset_val if args.eval else dataset_train).num_classes
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
     base_ds = get_coco_api_from_dataset(dataset_val)
 
     model, criterion, postprocessors = build_model(args)
+    if args.masks:
+        postprocessors["panoptic"] = PostProcessPanoptic(dataset_val.is_thing_map)
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
@@ -313,6 +322,8 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
+    if args.frozen_weights is not None:
+        load_frozen_detector(model_without_ddp, args.frozen_weights)
     if checkpoint is not None:
         for note in load_model_weights(model_without_ddp, checkpoint["model"], resume):
             print(note)
@@ -321,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             lr_scheduler.step_size = args.lr_drop
             args.start_epoch = checkpoint["epoch"] + 1
-    elif not args.eval:
+    elif not args.eval and args.frozen_weights is None:
         load_backbone_weights(model_without_ddp.backbone[0], args.backbone_weights)
 
     pnp = model_without_ddp.uses_pnp

@@ -7,23 +7,31 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Subset
 
 from datasets.coco import CocoDetection, build as build_coco
+from datasets.coco_panoptic import CocoPanoptic, build as build_coco_panoptic
 from util.errors import UserError
 
-DATASET_FILES = ("coco",)
+DATASET_FILES = ("coco", "coco_panoptic")
 
 
 def build_dataset(image_set: str, args: Any) -> Dataset:
     """The ``train`` or ``val`` split of the dataset named by ``args.dataset_file``."""
+    if getattr(args, "masks", False) and args.dataset_file != "coco_panoptic":
+        raise UserError(f"--masks needs mask annotations: use --dataset_file coco_panoptic "
+                        f"(got --dataset_file {args.dataset_file})")
     if args.dataset_file == "coco":
         return build_coco(image_set, args)
+    if args.dataset_file == "coco_panoptic":
+        return build_coco_panoptic(image_set, args)
     raise UserError(f"--dataset_file {args.dataset_file!r} is not supported, expected one of: "
                     f"{', '.join(DATASET_FILES)}")
 
 
 def get_coco_api_from_dataset(dataset: Dataset) -> COCO:
-    """The pycocotools ground truth of a ``CocoDetection`` (``Subset`` wrappers are unwrapped)."""
+    """The pycocotools box ground truth of a ``CocoDetection`` or ``CocoPanoptic`` (``Subset``
+    wrappers are unwrapped)."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    if not isinstance(dataset, CocoDetection):
-        raise TypeError(f"get_coco_api_from_dataset: expected a CocoDetection, got {type(dataset).__name__}")
+    if not isinstance(dataset, (CocoDetection, CocoPanoptic)):
+        raise TypeError("get_coco_api_from_dataset: expected a CocoDetection or CocoPanoptic, "
+                        f"got {type(dataset).__name__}")
     return dataset.coco

@@ -1,0 +1,126 @@
+"""Panoptic quality (datasets/panoptic_eval.py) against panopticapi on a hand-made case."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from panopticapi.evaluation import pq_compute
+from panopticapi.utils import id2rgb
+from PIL import Image
+
+import datasets.panoptic_eval as panoptic_eval
+from datasets.panoptic_eval import PQ_NAMES, PanopticEvaluator, panoptic_row
+
+CATEGORIES = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
+              {"id": 3, "name": "s", "isthing": 0}]
+
+
+def _png(ids: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(id2rgb(ids.astype(np.uint32))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _segments(ids: np.ndarray, categories: dict[int, int]) -> list[dict]:
+    return [{"id": i, "category_id": c, "area": int((ids == i).sum()), "bbox": [0, 0, 1, 1], "iscrowd": 0}
+            for i, c in categories.items()]
+
+
+def hand_made_case():
+    """Two 8x8 images: ground truth and prediction id maps with their categories."""
+    gt1 = np.full((8, 8), 2)
+    gt1[:4, :4] = 1
+    pred1 = np.full((8, 8), 2)
+    pred1[:4, :3] = 1                                      # thing a: IoU 12/16, stuff: IoU 48/52
+    gt2 = np.full((8, 8), 3)
+    gt2[:, :2] = 1
+    gt2[4:, 4:] = 2
+    gt2[:2, 6:] = 0                                        # void
+    pred2 = np.full((8, 8), 3)
+    pred2[:, :2] = 1                                       # right pixels, wrong class (a instead of b)
+    pred2[4:, 4:] = 2
+    return {
+        1: (gt1, {1: 1, 2: 3}, pred1, {1: 1, 2: 3}),
+        2: (gt2, {1: 2, 2: 1, 3: 3}, pred2, {1: 1, 2: 1, 3: 3}),
+    }
+
+
+def write_ground_truth(folder, case) -> dict:
+    (folder / "gt").mkdir()
+    annotations = []
+    for image_id, (gt, gt_categories, _, _) in case.items():
+        name = f"{image_id:04d}.png"
+        (folder / "gt" / name).write_bytes(_png(gt))
+        annotations.append({"image_id": image_id, "file_name": name, "segments_info": _segments(gt, gt_categories)})
+    data = {"images": [{"id": i, "file_name": f"{i:04d}.jpg"} for i in case], "annotations": annotations,
+            "categories": CATEGORIES}
+    (folder / "gt.json").write_text(json.dumps(data))
+    return data
+
+
+def predictions(case) -> dict[int, dict]:
+    return {image_id: {"png_string": _png(pred), "segments_info": _segments(pred, pred_categories)}
+            for image_id, (_, _, pred, pred_categories) in case.items()}
+
+
+def panopticapi_results(folder, gt: dict, preds: dict[int, dict]) -> dict:
+    """panopticapi's own pq_compute on the predictions written as files."""
+    (folder / "pred").mkdir()
+    annotations = []
+    for ann in gt["annotations"]:
+        (folder / "pred" / ann["file_name"]).write_bytes(preds[ann["image_id"]]["png_string"])
+        annotations.append({"image_id": ann["image_id"], "file_name": ann["file_name"],
+                            "segments_info": preds[ann["image_id"]]["segments_info"]})
+    (folder / "pred.json").write_text(json.dumps({"annotations": annotations}))
+    with contextlib.redirect_stdout(io.StringIO()):
+        return pq_compute(str(folder / "gt.json"), str(folder / "pred.json"), str(folder / "gt"), str(folder / "pred"))
+
+
+def _evaluate(gt, folder, preds) -> dict:
+    evaluator = PanopticEvaluator(gt, str(folder / "gt"), verbose=False)
+    evaluator.update(preds)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    return evaluator.results
+
+
+def test_pq_equals_panopticapi_on_a_hand_made_case(tmp_path):
+    case = hand_made_case()
+    gt = write_ground_truth(tmp_path, case)
+    ours = _evaluate(gt, tmp_path, predictions(case))
+    theirs = panopticapi_results(tmp_path, gt, predictions(case))
+    for group in ("All", "Things", "Stuff"):
+        for metric in ("pq", "sq", "rq", "n"):
+            assert ours[group][metric] == pytest.approx(theirs[group][metric], abs=1e-12), (group, metric)
+    # By hand: class a has TPs of IoU 3/4 and 1 and one FP: PQ = 1.75 / 2.5; class b one FN.
+    assert ours["Things"]["pq"] == pytest.approx((1.75 / 2.5 + 0.0) / 2)
+    assert ours["Things"]["n"] == 2 and ours["Stuff"]["n"] == 1
+
+
+def test_predictions_are_merged_across_processes(tmp_path, monkeypatch):
+    case = hand_made_case()
+    gt = write_ground_truth(tmp_path, case)
+    everything = _evaluate(gt, tmp_path, predictions(case))
+    preds = predictions(case)
+    monkeypatch.setattr(panoptic_eval, "all_gather", lambda local: [local, {2: preds[2]}])  # rank 1 saw image 2
+    assert _evaluate(gt, tmp_path, {1: preds[1]}) == everything
+
+
+def test_a_kind_that_never_occurs_gives_minus_one(tmp_path):
+    gt_ids = np.zeros((8, 8))
+    gt_ids[2:6, 2:6] = 1                                   # one thing, the rest void: no stuff anywhere
+    case = {1: (gt_ids, {1: 1}, gt_ids, {1: 1})}
+    gt = write_ground_truth(tmp_path, case)
+    results = _evaluate(gt, tmp_path, predictions(case))
+    assert results["Things"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 1}
+    assert results["Stuff"] == {"pq": -1.0, "sq": -1.0, "rq": -1.0, "n": 0}
+
+
+def test_panoptic_row_names():
+    stats = {f"ratio_0.5_{key}": {"pq": i, "sq": i + 0.1, "rq": i + 0.2, "n": 3}
+             for i, key in enumerate(["PQ_all", "PQ_th", "PQ_st"])}
+    row = panoptic_row(stats, "ratio_0.5_")
+    assert list(row) == [name for name, _, _ in PQ_NAMES]
+    assert row == {"PQ": 0, "SQ": 0.1, "RQ": 0.2, "PQ_th": 1, "SQ_th": 1.1, "RQ_th": 1.2,
+                   "PQ_st": 2, "SQ_st": 2.1, "RQ_st": 2.2}
