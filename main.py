@@ -322,8 +322,6 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
-    if args.frozen_weights is not None:
-        load_frozen_detector(model_without_ddp, args.frozen_weights)
     if checkpoint is not None:
         for note in load_model_weights(model_without_ddp, checkpoint["model"], resume):
             print(note)
@@ -332,7 +330,9 @@ def main(args: argparse.Namespace) -> None:
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             lr_scheduler.step_size = args.lr_drop
             args.start_epoch = checkpoint["epoch"] + 1
-    elif not args.eval and args.frozen_weights is None:
+    elif args.frozen_weights is not None:  # a resumed --masks run holds its detector already
+        load_frozen_detector(model_without_ddp, args.frozen_weights)
+    elif not args.eval:
         load_backbone_weights(model_without_ddp.backbone[0], args.backbone_weights)
 
     pnp = model_without_ddp.uses_pnp

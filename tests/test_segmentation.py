@@ -295,7 +295,10 @@ def test_two_stage_recipe_through_main(synthetic_panoptic_root, tmp_path):
     stage2 = torch.load(masks / "checkpoint.pth", weights_only=True)["model"]
     assert all(torch.equal(v, stage2[f"detr.{k}"]) for k, v in stage1.items())  # BatchNorm statistics too
 
-    assert main.run(flags + ["--masks", "--output_dir", str(masks), "--eval", "--eval_ratios", "0.4"]) == 0
+    # Evaluating (or resuming) a stage-2 run does not need the stage-1 file any more.
+    gone = str(tmp_path / "gone.pth")
+    assert main.run(flags + ["--masks", "--frozen_weights", gone, "--output_dir", str(masks), "--eval",
+                             "--eval_ratios", "0.4"]) == 0
     row = json.loads((masks / "eval.json").read_text())[0]
     assert row["ratio"] == 0.4
     assert {"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"} <= set(row)
