@@ -20,7 +20,7 @@ def test_tiny_benchmark_writes_every_figure_and_check(tmp_path, capsys):
                    "--warmup", "0", "--train_repeats", "1", "--threads", "1", "--output", str(output),
                    "--", *TINY_MODEL])
     out = capsys.readouterr().out
-    assert "one multiply-add as one FLOP" in out and "xDETR" in out and "checks:" in out
+    assert "one multiply-add as one FLOP" in out and "| DETR | - |" in out and "(1.00x)" in out and "checks:" in out
 
     report = json.loads(output.read_text())
     rows = report["results"]

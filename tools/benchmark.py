@@ -32,7 +32,7 @@ import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
@@ -91,7 +91,7 @@ class Timing:
         return cls(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
     def __str__(self) -> str:
-        return f"{1000 * self.median:.1f} ({1000 * self.low:.0f}-{1000 * self.high:.0f})"
+        return f"{1000 * self.median:.1f} [{1000 * self.low:.1f}-{1000 * self.high:.1f}]"
 
 
 def synchronize(device: torch.device) -> None:
@@ -99,18 +99,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> Timing:
-    """Time ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised)."""
+def measure(calls: dict[Hashable, Callable[[], Any]], repeats: int, warmup: int,
+            device: torch.device) -> dict[Hashable, Timing]:
+    """Time each call ``repeats`` times after ``warmup`` untimed rounds (CUDA synchronised).
+
+    The calls take turns (round-robin), so a slow spell of a shared machine hits them alike.
+    """
     for _ in range(warmup):
-        fn()
-    seconds = []
+        for fn in calls.values():
+            fn()
+    seconds: dict[Hashable, list[float]] = {key: [] for key in calls}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return Timing.of(seconds)
+        for key, fn in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds[key].append(time.perf_counter() - start)
+    return {key: Timing.of(values) for key, values in seconds.items()}
 
 
 class TensorMemory(TorchDispatchMode):
@@ -179,8 +185,8 @@ def build_pair(variant: str, model_flags: list[str], device: torch.device, seed:
     return label, detr[:2], pnp[:2]
 
 
-def inference_timings(model: DETR, image: Tensor, ratio: Optional[float], opts: argparse.Namespace,
-                      dtype: str, device: torch.device) -> dict[str, Timing]:
+def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: str,
+                    device: torch.device) -> dict[str, Callable[[], Any]]:
     """Whole model, transformer alone and (PnP) sampler alone on one image."""
     def run(fn: Callable[[], Any]) -> Callable[[], Any]:
         def wrapped() -> Any:
@@ -194,40 +200,50 @@ def inference_timings(model: DETR, image: Tensor, ratio: Optional[float], opts: 
              "transformer_latency": lambda: model.transformer(src, mask, model.query_embed.weight, pos, ratio)}
     if model.uses_pnp:
         calls["sampler_latency"] = lambda: model.transformer.sampler(src, mask, pos, ratio)
-    return {name: measure(run(fn), opts.repeats, opts.warmup, device) for name, fn in calls.items()}
+    return {name: run(fn) for name, fn in calls.items()}
 
 
-def eval_timings(model: DETR, image: Tensor, opts: argparse.Namespace, dtype: str,
-                 device: torch.device) -> dict[str, Timing]:
-    """Evaluation steps as ``engine.evaluate`` runs them: one backbone pass, then each ratio."""
-    def step(ratios: list[float]) -> Callable[[], None]:
+def eval_calls(model: DETR, image: Tensor, ratios: list[float], dtype: str,
+               device: torch.device) -> dict[str, Callable[[], None]]:
+    """Evaluation steps as ``engine.evaluate`` runs them (one backbone pass, then each ratio),
+    at every ratio and at the first one alone."""
+    def step(chosen: list[float]) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad(), autocast(device, dtype):
                 features = model.extract_features(image)
-                for ratio in ratios:
+                for ratio in chosen:
                     model.predict(features, ratio)
         return run
 
-    return {"one_ratio": measure(step(opts.eval_ratios[:1]), opts.repeats, opts.warmup, device),
-            "all_ratios": measure(step(opts.eval_ratios), opts.repeats, opts.warmup, device)}
+    return {"one_ratio": step(ratios[:1]), "all_ratios": step(ratios)}
 
 
-def train_measures(model: DETR, criterion: torch.nn.Module, ratio: Optional[float], opts: argparse.Namespace,
-                   dtype: str, device: torch.device) -> dict[str, Any]:
-    """Time (``Timing``) and peak memory (MB) of one training step on random images and boxes."""
+def training_batch(opts: argparse.Namespace, device: torch.device) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Random images of ``--size`` and four random boxes per image."""
     height, width = opts.size
     gen = torch.Generator().manual_seed(opts.seed)
     images = torch.rand(opts.train_batch, 3, height, width, generator=gen).to(device)
     targets = [{"labels": torch.randint(0, 91, (4,), generator=gen).to(device),
                 "boxes": (0.2 + 0.6 * torch.rand(4, 4, generator=gen)).to(device)}
                for _ in range(opts.train_batch)]
-    params = [p for p in model.parameters() if p.requires_grad]
+    return images, targets
+
+
+def optimizer_for(model: DETR) -> torch.optim.Optimizer:
+    """AdamW as published: lr 1e-4, backbone 1e-5, weight decay 1e-4."""
     backbone = {id(p) for p in model.backbone.parameters()}
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if id(p) not in backbone]},
-                                   {"params": [p for p in params if id(p) in backbone], "lr": 1e-5}],
-                                  lr=1e-4, weight_decay=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if id(p) not in backbone]},
+                              {"params": [p for p in params if id(p) in backbone], "lr": 1e-5}],
+                             lr=1e-4, weight_decay=1e-4)
+
+
+def training_step(model: DETR, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  batch: tuple[Tensor, list[dict[str, Tensor]]], ratio: Optional[float], dtype: str,
+                  device: torch.device) -> Callable[[], None]:
+    """One step as ``engine.train_one_epoch`` takes it: forward, loss, backward, clipping, AdamW."""
+    images, targets = batch
     weights = criterion.weight_dict
-    model.train()
 
     def step() -> None:
         with autocast(device, dtype):
@@ -236,47 +252,35 @@ def train_measures(model: DETR, criterion: torch.nn.Module, ratio: Optional[floa
         loss = sum(losses[k] * weights[k] for k in losses if k in weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
-
-    timing = measure(step, opts.train_repeats, 1, device)
-    memory = peak_memory_mb(step, device)
-    model.eval()
-    return {"train_step": timing, "train_peak_mb": memory}
+    return step
 
 
 # ----------------------------------------------------------------------------- report
-def _ratio_to(value: float, base: Optional[float]) -> str:
-    return f"{value / base:5.2f}x" if base else "-"
+COLUMNS = [("gflops", "GFLOPs", "{:.2f}"), ("gflops_transformer", "transformer GFLOPs", "{:.2f}"),
+           ("latency", "latency ms", "{}"), ("transformer_latency", "transformer ms", "{}"),
+           ("sampler_latency", "sampler ms", "{}"), ("train_step", "train step ms", "{}"),
+           ("train_peak_mb", "train peak MB", "{:.0f}")]
 
 
-def _median(row: dict[str, Any], key: str) -> Optional[float]:
-    value = row.get(key)
-    return value.median if isinstance(value, Timing) else value
-
-
-COLUMNS = [("gflops", "GFLOPs", "{:8.2f}"), ("gflops_transformer", "trf GFLOPs", "{:10.2f}"),
-           ("latency", "latency ms", "{}"), ("transformer_latency", "trf ms", "{}"),
-           ("sampler_latency", "sampler ms", "{}"), ("train_step", "train ms", "{}"),
-           ("train_peak_mb", "train MB", "{:8.0f}")]
+def _value(figure: Any) -> float:
+    return figure.median if isinstance(figure, Timing) else figure
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """One line per model: each measured figure, then its ratio to the DETR row (the first)."""
-    base = rows[0]
-    columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
-    header = f"{'model':<9} {'r':>5}" + "".join(f"  {title:>18} {'xDETR':>6}" for _, title, _ in columns)
-    lines = [header]
+    """A markdown table, one line per model: each figure and its ratio to DETR (the first row)."""
+    detr = rows[0]
+    columns = [column for column in COLUMNS if any(column[0] in row for row in rows)]
+    lines = ["| model | r | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for row in rows:
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:g}"
-        line = f"{row['model']:<9} {ratio:>5}"
+        cells = [row["model"], "-" if row["ratio"] is None else f"{row['ratio']:g}"]
         for key, _, fmt in columns:
-            if key not in row:
-                line += f"  {'':>18} {'':>6}"
-                continue
-            value, ref = _median(row, key), _median(base, key)
-            line += f"  {fmt.format(row[key]):>18} {_ratio_to(value, ref):>6}"
-        lines.append(line)
+            figure = row.get(key)
+            ratio = f" ({_value(figure) / _value(detr[key]):.2f}x)" if figure is not None and detr.get(key) else ""
+            cells.append("-" if figure is None else fmt.format(figure) + ratio)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -291,40 +295,42 @@ class Check:
 
 
 def checks(results: list[dict[str, Any]], evals: list[dict[str, Any]], device: torch.device) -> list[Check]:
+    """The issue's targets, for every variant and dtype whose figures were measured."""
     found = []
-    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in results:
-        by_key.setdefault((row["variant"], row["dtype"]), []).append(row)
-    for (variant, dtype), rows in by_key.items():
-        detr, pnp = rows[0], rows[1:]
+        groups.setdefault((row["variant"], row["dtype"]), []).append(row)
+    for (variant, dtype), (detr, *pnp) in groups.items():
         where = f"{variant} {device.type} {dtype}"
-        if pnp and "transformer_latency" in detr and "gflops_transformer" in detr:
-            worst = max(pnp, key=lambda r: _latency_per_flop(r, detr))
+        if not pnp:
+            continue
+        lowest = min(pnp, key=lambda row: row["ratio"])
+        if "transformer_latency" in detr and "gflops_transformer" in detr:
+            worst = max(pnp, key=lambda row: _latency_per_flop(row, detr))
             value = _latency_per_flop(worst, detr)
             found.append(Check(f"{where}: transformer latency ratio / FLOPs ratio, worst r={worst['ratio']:g}",
                                value, 1.15, value <= 1.15))
-        if pnp and "latency" in detr and variant.startswith("DC5"):
-            low = min(pnp, key=lambda r: r["ratio"])
-            value = low["latency"].median / detr["latency"].median
-            found.append(Check(f"{where}: whole-model latency at r={low['ratio']:g} / DETR", value, 0.5, value <= 0.5))
-        if pnp and "sampler_latency" in pnp[0]:
-            low = min(pnp, key=lambda r: r["ratio"])
-            value = low["sampler_latency"].median / low["transformer_latency"].median
-            found.append(Check(f"{where}: sampler / transformer latency at r={low['ratio']:g}", value, 0.05, value < 0.05))
+        if "latency" in detr and variant.startswith("DC5"):
+            value = lowest["latency"].median / detr["latency"].median
+            found.append(Check(f"{where}: whole-model latency at r={lowest['ratio']:g} / DETR", value, 0.5, value <= 0.5))
+        if "sampler_latency" in lowest:
+            value = lowest["sampler_latency"].median / lowest["transformer_latency"].median
+            found.append(Check(f"{where}: sampler / transformer latency at r={lowest['ratio']:g}",
+                               value, 0.05, value < 0.05))
+        fp32 = groups.get((variant, "fp32"))
+        if dtype == "bf16" and fp32 and "train_step" in detr:
+            value = fp32[0]["train_step"].median / detr["train_step"].median
+            found.append(Check(f"{variant} {device.type}: bf16 training step speed-up over fp32 (DETR)",
+                               value, 1.7, value >= 1.7))
     for row in evals:
         value = row["all_ratios"].median / row["one_ratio"].median
         found.append(Check(f"{row['variant']} {device.type} {row['dtype']}: evaluation at {row['ratios']} / at "
                            f"{row['ratios'][:1]}", value, 1.6, value <= 1.6))
-    for (variant, dtype), rows in by_key.items():
-        fp32 = by_key.get((variant, "fp32"))
-        if dtype == "bf16" and fp32 and "train_step" in rows[0]:
-            value = fp32[0]["train_step"].median / rows[0]["train_step"].median
-            found.append(Check(f"{variant} {device.type}: bf16 training step speed-up over fp32 (DETR)",
-                               value, 1.7, value >= 1.7))
     return found
 
 
 def _latency_per_flop(row: dict[str, Any], detr: dict[str, Any]) -> float:
+    """How much the transformer's latency ratio to DETR exceeds its FLOPs ratio."""
     latency = row["transformer_latency"].median / detr["transformer_latency"].median
     return latency / (row["gflops_transformer"] / detr["gflops_transformer"])
 
@@ -341,7 +347,78 @@ def device_name(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+@dataclass
+class Config:
+    """One measured model: DETR (ratio None) or PnP-DETR at one poll ratio."""
+
+    name: str
+    model: DETR
+    criterion: torch.nn.Module
+    ratio: Optional[float]
+
+
+def benchmark_dtype(configs: list[Config], label: str, dtype: str, image: Tensor, opts: argparse.Namespace,
+                    device: torch.device) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
+    """Timed figures of every config in one dtype: table rows, and the evaluation row (if asked)."""
+    rows = [{"variant": label, "model": c.name, "ratio": c.ratio, "dtype": dtype} for c in configs]
+    calls: dict[Hashable, Callable[[], Any]] = {}
+    if "latency" in opts.parts:
+        for i, c in enumerate(configs):
+            calls.update({(i, key): fn for key, fn in inference_calls(c.model, image, c.ratio, dtype, device).items()})
+    pnp = configs[-1].model
+    if "eval" in opts.parts:
+        calls.update({("eval", key): fn for key, fn in eval_calls(pnp, image, opts.eval_ratios, dtype, device).items()})
+    timings = measure(calls, opts.repeats, opts.warmup, device)
+    for (i, key), timing in timings.items():
+        if i != "eval":
+            rows[i][key] = timing
+    evaluation = None
+    if "eval" in opts.parts:
+        evaluation = {"variant": label, "dtype": dtype, "ratios": opts.eval_ratios,
+                      "one_ratio": timings["eval", "one_ratio"], "all_ratios": timings["eval", "all_ratios"]}
+    if "train" in opts.parts:
+        batch = training_batch(opts, device)
+        models = {id(c.model): c.model for c in configs}
+        optimizers = {key: optimizer_for(model) for key, model in models.items()}
+        steps = {i: training_step(c.model, c.criterion, optimizers[id(c.model)], batch, c.ratio, dtype, device)
+                 for i, c in enumerate(configs)}
+        for model in models.values():
+            model.train()
+        for i, timing in measure(steps, opts.train_repeats, 1, device).items():
+            rows[i].update(train_step=timing, train_peak_mb=peak_memory_mb(steps[i], device))
+        for model in models.values():
+            model.eval()
+    return rows, evaluation
+
+
+def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts: argparse.Namespace,
+                      device: torch.device) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """DETR and PnP-DETR of one backbone variant in every dtype: printed, and returned as rows."""
+    label, (detr, detr_criterion), (pnp, pnp_criterion) = build_pair(variant, model_flags, device, opts.seed)
+    for module in (detr, pnp, detr_criterion, pnp_criterion):
+        module.to(device).eval()
+    configs = [Config("DETR", detr, detr_criterion, None)]
+    configs += [Config("PnP-DETR", pnp, pnp_criterion, r) for r in opts.ratios]
+    flops = {}
+    if "flops" in opts.parts:
+        flops = {None: count_flops(detr, image[0], [None])[None], **count_flops(pnp, image[0], opts.ratios)}
+    results, evals = [], []
+    for dtype in opts.dtypes:
+        rows, evaluation = benchmark_dtype(configs, label, dtype, image, opts, device)
+        for row in rows:
+            if flops:
+                counted = flops[row["ratio"]]
+                row.update(gflops=counted.total, gflops_transformer=counted.transformer, gflops_sampler=counted.sampler)
+        print(f"\n{label}, {device.type} {dtype}, batch 1 (training: batch {opts.train_batch}); "
+              "ms: median [fastest-slowest]; (x) = ratio to DETR")
+        print(format_rows(rows))
+        results += rows
+        evals += [evaluation] if evaluation else []
+    return results, evals
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run the benchmark, print its tables and checks, write the JSON report and return it."""
     opts, model_flags = parse_args(argv)
     device = torch.device(opts.device)
     torch.set_num_threads(opts.threads)
@@ -353,35 +430,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for variant in opts.variants:
-        label, (detr, detr_criterion), (pnp, pnp_criterion) = build_pair(variant, model_flags, device, opts.seed)
-        configs = [(detr, detr_criterion, "DETR", None)] + [(pnp, pnp_criterion, "PnP-DETR", r) for r in opts.ratios]
-        for model in (detr, pnp):
-            model.to(device).eval()
-        flops = {}
-        if "flops" in opts.parts:
-            flops[id(detr)] = count_flops(detr, image[0], [None])
-            flops[id(pnp)] = count_flops(pnp, image[0], opts.ratios)
-        for dtype in opts.dtypes:
-            rows = []
-            for model, criterion, name, ratio in configs:
-                row: dict[str, Any] = {"variant": label, "model": name, "ratio": ratio, "dtype": dtype}
-                if flops:
-                    counted = flops[id(model)][ratio]
-                    row.update(gflops=counted.total, gflops_transformer=counted.transformer,
-                               gflops_sampler=counted.sampler)
-                if "latency" in opts.parts:
-                    row.update(inference_timings(model, image, ratio, opts, dtype, device))
-                rows.append(row)
-            if "eval" in opts.parts:
-                evals.append({"variant": label, "dtype": dtype, "ratios": opts.eval_ratios,
-                              **eval_timings(pnp, image, opts, dtype, device)})
-            if "train" in opts.parts:
-                for row, (model, criterion, _, ratio) in zip(rows, configs):
-                    row.update(train_measures(model, criterion.to(device), ratio, opts, dtype, device))
-            print(f"\n{label}, {device.type} {dtype}, batch 1 (training: batch {opts.train_batch}); "
-                  "ms: median (fastest-slowest)")
-            print(format_rows(rows))
-            results.extend(rows)
+        rows, evaluations = benchmark_variant(variant, model_flags, image, opts, device)
+        results += rows
+        evals += evaluations
     for row in evals:
         print(f"\n{row['variant']} {row['dtype']} evaluation step: ratios {row['ratios']} {row['all_ratios']} ms, "
               f"ratio {row['ratios'][0]} alone {row['one_ratio']} ms: "
