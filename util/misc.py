@@ -1,8 +1,10 @@
 """Batching of variable-size images, distributed helpers and progress logging."""
 from __future__ import annotations
 
+import builtins
 import datetime
 import os
+import sys
 import time
 from collections import defaultdict, deque
 from typing import Any, Iterable, Iterator, Optional
@@ -10,6 +12,8 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from util.errors import UserError
 
 
 # ----------------------------------------------------------------------------- batching
@@ -113,16 +117,23 @@ def reduce_dict(values: dict[str, Tensor], average: bool = True) -> dict[str, Te
 
 
 def init_distributed_mode(args: Any) -> None:
-    """Set up the process group from torchrun's (or Slurm's) environment, if launched so.
+    """Set up the process group from torchrun's (or srun's) environment, if launched so.
 
-    Sets ``args.distributed``, ``args.rank``, ``args.world_size`` and ``args.gpu``. NCCL on
-    CUDA, gloo on CPU.
+    ``torchrun`` and ``run_with_submitit.py`` set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``.
+    A task of a plain ``srun`` with several tasks has ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+    ``SLURM_LOCALID`` instead; with ``--dist_url env://`` it also needs ``MASTER_ADDR`` and
+    ``MASTER_PORT``. Sets ``args.distributed``, ``args.rank``, ``args.world_size`` and
+    ``args.gpu``. NCCL on CUDA, gloo on CPU. Afterwards only rank 0 prints to stdout.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if args.dist_url == "env://" and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+            raise UserError(f"--dist_url env://: this srun task (of {os.environ['SLURM_NTASKS']}) has no "
+                            "MASTER_ADDR/MASTER_PORT; submit with run_with_submitit.py, or export both "
+                            "(the job's first node and a free port) in the batch script")
         args.rank = int(os.environ["SLURM_PROCID"])
         args.world_size = int(os.environ["SLURM_NTASKS"])
         args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
@@ -139,6 +150,22 @@ def init_distributed_mode(args: Any) -> None:
     dist.init_process_group(backend=backend, init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank)
     dist.barrier()
+    if args.rank != 0:
+        _drop_stdout_prints()
+
+
+def _drop_stdout_prints() -> None:
+    """Make ``print`` to stdout a no-op in this process (prints to stderr still show).
+
+    Called on every rank but 0, so that progress lines and AP tables appear once.
+    """
+    builtin_print = builtins.print
+
+    def print_unless_stdout(*values: Any, **kwargs: Any) -> None:
+        if kwargs.get("file") not in (None, sys.stdout):
+            builtin_print(*values, **kwargs)
+
+    builtins.print = print_unless_stdout
 
 
 def save_on_master(obj: Any, path: str | os.PathLike) -> None:
