@@ -374,6 +374,9 @@ def main(args: argparse.Namespace) -> None:
             where = f"; the last good checkpoint is {kept}" if kept is not None and kept.exists() else ""
             raise NonFiniteLossError(f"training stopped: {err}{where}") from None
         lr_scheduler.step()
+        if args.distributed:  # each rank's last step updated its own BatchNorm statistics: keep rank 0's
+            for buffer in model_without_ddp.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         if output_dir is not None:
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": plain_args(args)}

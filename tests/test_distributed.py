@@ -1,0 +1,126 @@
+"""torchrun on CPU (gloo): DDP training, rank-0-only writes, and a distributed evaluation whose
+AP equals the single-process AP of the same checkpoint; two "nodes" on loopback."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from conftest import TINY_FLAGS
+
+REPO = Path(__file__).resolve().parents[1]
+RATIOS = ["0.5", "0.8"]
+# 24 images: 5 training batches of 5 over 2 ranks (2 each, drop_last); evaluation deals its 5
+# batches (the last one of 4 images) 3 to rank 0 and 2 to rank 1.
+BATCH_SIZE = "5"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(launcher: list[str], flags: list[str]) -> subprocess.Popen:
+    """``torchrun LAUNCHER main.py FLAGS`` from the repository root, one thread per process."""
+    return subprocess.Popen(["torchrun", *launcher, "main.py", *flags], cwd=REPO, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def seen_root(tmp_path_factory, synthetic_root) -> Path:
+    """The synthetic training images, also as the validation split.
+
+    A model trained a few epochs on them finds some of their objects (AP > 0), so that an
+    AP comparison can fail.
+    """
+    root = tmp_path_factory.mktemp("seen")
+    (root / "annotations").mkdir()
+    train_json = Path(synthetic_root) / "annotations" / "instances_train2017.json"
+    for split in ("train", "val"):
+        shutil.copy(train_json, root / "annotations" / f"instances_{split}2017.json")
+        (root / f"{split}2017").symlink_to(Path(synthetic_root) / "train2017")
+    return root
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory, seen_root) -> list[str]:
+    """Tiny-model flags resuming from a checkpoint trained 15 epochs in one process."""
+    pretrained = tmp_path_factory.mktemp("pretrained")
+    common = TINY_FLAGS + ["--coco_path", str(seen_root), "--batch_size", BATCH_SIZE]
+    assert main.run(common + ["--output_dir", str(pretrained), "--epochs", "15", "--eval_every", "0"]) == 0
+    return common + ["--resume", str(pretrained / "checkpoint.pth"), "--epochs", "16", "--eval_ratios", *RATIOS]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, flags) -> tuple[Path, str]:
+    """One DDP epoch on 2 processes, then the distributed evaluation at RATIOS."""
+    out = tmp_path_factory.mktemp("ddp")
+    output = _finish(_torchrun(["--standalone", "--nproc_per_node=2"], flags + ["--output_dir", str(out)]))
+    return out, output
+
+
+def test_two_processes_share_each_epoch_and_only_rank_0_writes(ddp_run):
+    out, output = ddp_run
+    assert "Epoch: [15] [2/2]" in output, "each process should run 2 of the 5 training batches"
+    assert output.count("Box AP at poll ratio 0.5:") == 1, "only rank 0 prints"
+    logs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [log["epoch"] for log in logs] == [15]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 15
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "log.txt"]
+
+
+def test_distributed_ap_equals_the_single_process_ap_of_the_checkpoint(ddp_run, flags, tmp_path):
+    out, _ = ddp_run
+    distributed = json.loads((out / "log.txt").read_text())
+    single = tmp_path / "single"
+    assert main.run(flags + ["--output_dir", str(single), "--eval", "--resume", str(out / "checkpoint.pth")]) == 0
+    rows = json.loads((single / "eval.json").read_text())
+    assert [row["ratio"] for row in rows] == [float(r) for r in RATIOS]
+    assert any(row["AP50"] > 0 for row in rows), "the checkpoint finds nothing: equal APs would prove nothing"
+    for ratio, row in zip(RATIOS, rows):
+        stats = distributed[f"test_ratio_{ratio}_coco_eval_bbox"]
+        assert stats == [row[name] for name in main.STAT_NAMES], f"ratio {ratio}"
+
+
+def test_two_nodes_on_loopback_train_as_two_local_processes(ddp_run, flags, tmp_path):
+    port = str(_free_port())
+    nodes = [_torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                        f"--master_port={port}"], flags + ["--output_dir", str(tmp_path)])
+             for rank in (0, 1)]
+    outputs = [_finish(node) for node in nodes]
+    assert "Epoch: [15] [2/2]" in outputs[0]
+    assert "Epoch:" not in outputs[1], "only rank 0 prints"
+    ddp_out, _ = ddp_run
+    a = torch.load(ddp_out / "checkpoint.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    logs = [json.loads((out / "log.txt").read_text()) for out in (ddp_out, tmp_path)]
+    assert _losses_and_ap(logs[1]) == _losses_and_ap(logs[0]) != {}
+
+
+def _losses_and_ap(log: dict) -> dict:
+    return {k: v for k, v in log.items() if "loss" in k or "coco_eval" in k}
+
+
+def test_srun_task_without_a_rendezvous_address_is_told_what_to_set(monkeypatch, tiny_flags, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert main.run(tiny_flags + ["--epochs", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--dist_url env://" in lines[0] and "MASTER_ADDR" in lines[0], lines
