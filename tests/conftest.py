@@ -48,6 +48,8 @@ def synthetic_panoptic_root(tmp_path_factory) -> str:
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--run-system", action="store_true",
+                     help="also run tests marked system (as root: install and start a local Slurm)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,9 +57,12 @@ def pytest_collection_modifyitems(config, items):
 
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_system = pytest.mark.skip(reason="system test (installs and starts a local Slurm as root): run with --run-system")
     for item in items:
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
+        if "system" in item.keywords and not config.getoption("--run-system"):
+            item.add_marker(skip_system)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 
