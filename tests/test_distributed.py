@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,13 @@ def _free_port() -> int:
 
 
 def _torchrun(launcher: list[str], flags: list[str]) -> subprocess.Popen:
-    """``torchrun LAUNCHER main.py FLAGS`` from the repository root, one thread per process."""
-    return subprocess.Popen(["torchrun", *launcher, "main.py", *flags], cwd=REPO, text=True,
+    """``torchrun LAUNCHER main.py FLAGS`` from the repository root, one thread per process.
+
+    ``python -m torch.distributed.run`` is what the ``torchrun`` command runs, here with the
+    interpreter of the tests.
+    """
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    return subprocess.Popen([*torchrun, *launcher, "main.py", *flags], cwd=REPO, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
