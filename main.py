@@ -124,6 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--eval: mean GFLOPs over the first N val images, counted one by one (0: not counted)")
     g.add_argument("--baseline_eval", default=None,
                    help="--eval: a DETR run's eval.json, drawn as the reference point of output_dir/tradeoff.png")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone and the transformer (the first batches compile; see docs/BENCHMARKS.md)")
     g.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
     g.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
@@ -307,6 +309,9 @@ def main(args: argparse.Namespace) -> None:
         postprocessors["panoptic"] = PostProcessPanoptic(dataset_val.is_thing_map)
     model.to(device)
     criterion.to(device)
+    if args.compile:  # in place: the state_dict keys stay those of the eager model
+        model.backbone.compile()
+        model.transformer.compile()
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)

@@ -68,6 +68,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--train_repeats", type=int, default=2, help="timed training steps per model")
     p.add_argument("--train_batch", type=int, default=2, help="images per training step")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbones and transformers as main.py --compile does (in the warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmark.json", help="JSON result")
     args = p.parse_args(argv)
@@ -402,6 +404,10 @@ def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts:
     flops = {}
     if "flops" in opts.parts:
         flops = {None: count_flops(detr, image[0], [None])[None], **count_flops(pnp, image[0], opts.ratios)}
+    if opts.compile:
+        for model in (detr, pnp):
+            model.backbone.compile()
+            model.transformer.compile()
     results, evals = [], []
     for dtype in opts.dtypes:
         rows, evaluation = benchmark_dtype(configs, label, dtype, image, opts, device)
