@@ -38,12 +38,14 @@ def test_tiny_benchmark_writes_every_figure_and_check(tmp_path, capsys):
     assert "FLOPs ratio" in names and "sampler" in names and "evaluation" in names
 
 
-def test_parts_and_model_flags_are_honoured(tmp_path):
+def test_parts_clock_and_model_flags_are_honoured(tmp_path):
     output = tmp_path / "bench.json"
-    benchmark.run(["--size", "64", "64", "--variants", "r50", "--ratios", "0.5", "--parts", "flops",
-                   "--output", str(output), "--", *TINY_MODEL, "--enc_layers", "2"])
-    rows = json.loads(output.read_text())["results"]
-    assert all("latency" not in row and "train_step" not in row for row in rows)
+    benchmark.run(["--size", "64", "64", "--variants", "r50", "--ratios", "0.5", "--parts", "flops", "latency",
+                   "--clock", "cpu", "--repeats", "1", "--output", str(output), "--", *TINY_MODEL, "--enc_layers", "2"])
+    report = json.loads(output.read_text())
+    rows = report["results"]
+    assert report["clock"] == "cpu" and not report["eval"]
+    assert all(row["latency"]["median"] > 0 and "train_step" not in row for row in rows)
     one_layer = tmp_path / "one.json"
     benchmark.run(["--size", "64", "64", "--variants", "r50", "--ratios", "0.5", "--parts", "flops",
                    "--output", str(one_layer), "--", *TINY_MODEL])

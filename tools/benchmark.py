@@ -47,6 +47,7 @@ from util.flops import CONVENTION, count_flops  # noqa: E402
 
 VARIANT_FLAGS = {"r50": [], "dc5": ["--dilation"]}
 PARTS = ("flops", "latency", "eval", "train")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -70,9 +71,14 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the backbones and transformers as main.py --compile does (in the warm-up)")
+    p.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                   help="wall: elapsed time; cpu: CPU time of this process (CPU only: with --threads 1, the "
+                        "latency a quiet machine would show, even on a busy one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmark.json", help="JSON result")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        p.error("--clock cpu measures CPU time: use it with --device cpu")
     if args.dtypes is None:
         args.dtypes = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     return args, model_flags
@@ -101,8 +107,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(calls: dict[Hashable, Callable[[], Any]], repeats: int, warmup: int,
-            device: torch.device) -> dict[Hashable, Timing]:
+def measure(calls: dict[Hashable, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
+            clock: Callable[[], float] = time.perf_counter) -> dict[Hashable, Timing]:
     """Time each call ``repeats`` times after ``warmup`` untimed rounds (CUDA synchronised).
 
     The calls take turns (round-robin), so a slow spell of a shared machine hits them alike.
@@ -114,10 +120,10 @@ def measure(calls: dict[Hashable, Callable[[], Any]], repeats: int, warmup: int,
     for _ in range(repeats):
         for key, fn in calls.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize(device)
-            seconds[key].append(time.perf_counter() - start)
+            seconds[key].append(clock() - start)
     return {key: Timing.of(values) for key, values in seconds.items()}
 
 
@@ -370,7 +376,7 @@ def benchmark_dtype(configs: list[Config], label: str, dtype: str, image: Tensor
     pnp = configs[-1].model
     if "eval" in opts.parts:
         calls.update({("eval", key): fn for key, fn in eval_calls(pnp, image, opts.eval_ratios, dtype, device).items()})
-    timings = measure(calls, opts.repeats, opts.warmup, device)
+    timings = measure(calls, opts.repeats, opts.warmup, device, CLOCKS[opts.clock])
     for (i, key), timing in timings.items():
         if i != "eval":
             rows[i][key] = timing
@@ -386,7 +392,7 @@ def benchmark_dtype(configs: list[Config], label: str, dtype: str, image: Tensor
                  for i, c in enumerate(configs)}
         for model in models.values():
             model.train()
-        for i, timing in measure(steps, opts.train_repeats, 1, device).items():
+        for i, timing in measure(steps, opts.train_repeats, 1, device, CLOCKS[opts.clock]).items():
             rows[i].update(train_step=timing, train_peak_mb=peak_memory_mb(steps[i], device))
         for model in models.values():
             model.eval()
@@ -416,7 +422,7 @@ def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts:
                 counted = flops[row["ratio"]]
                 row.update(gflops=counted.total, gflops_transformer=counted.transformer, gflops_sampler=counted.sampler)
         print(f"\n{label}, {device.type} {dtype}, batch 1 (training: batch {opts.train_batch}); "
-              "ms: median [fastest-slowest]; (x) = ratio to DETR")
+              f"{opts.clock}-clock ms: median [fastest-slowest]; (x) = ratio to DETR")
         print(format_rows(rows))
         results += rows
         evals += [evaluation] if evaluation else []
@@ -449,7 +455,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for check in found:
         print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.value:.3f} (limit {check.limit})")
     report = {"command": command, "device": device_name(device), "torch": torch.__version__,
-              "input": [height, width], "convention": CONVENTION,
+              "input": [height, width], "clock": opts.clock, "convention": CONVENTION,
               "results": [_plain(row) for row in results], "eval": [_plain(row) for row in evals],
               "checks": [asdict(check) for check in found]}
     with open(opts.output, "w") as f:
