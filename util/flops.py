@@ -88,7 +88,8 @@ class ImageFlops:
     sampler: float
 
 
-def count_flops(model: nn.Module, image: Tensor, ratios: Sequence[Optional[float]]) -> dict[Optional[float], ImageFlops]:
+def count_flops(model: nn.Module, image: Tensor,
+                ratios: Sequence[Optional[float]]) -> dict[Optional[float], ImageFlops]:
     """GFLOPs of a ``DETR`` on one ``(3, H, W)`` image (batch 1, no padding) at each ratio.
 
     The backbone runs once and is shared by every ratio, as in evaluation (``None`` is the
