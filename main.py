@@ -50,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr drops 10x")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (loss, matcher, post-processing stay fp32)")
+    g.add_argument("--channels_last", action="store_true",
+                   help="keep convolution weights and activations channels-last (faster oneDNN/cuDNN convolutions)")
     g = p.add_argument_group("model")
     g.add_argument("--frozen_weights", type=str, default=None,
                    help="pretrained detector whose weights stay frozen (panoptic mask-head training)")
@@ -307,7 +309,7 @@ def main(args: argparse.Namespace) -> None:
     model, criterion, postprocessors = build_model(args)
     if args.masks:
         postprocessors["panoptic"] = PostProcessPanoptic(dataset_val.is_thing_map)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     criterion.to(device)
     if args.compile:  # in place: the state_dict keys stay those of the eager model
         model.backbone.compile()

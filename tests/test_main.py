@@ -201,3 +201,20 @@ def test_corrupt_image_in_a_loader_worker_ends_in_one_line(synthetic_root, tiny_
     flags[flags.index("--num_workers") + 1] = "1"
     code, _, err = _run(flags + ["--output_dir", str(tmp_path / "out"), "--epochs", "1"], capsys)
     _one_line_error(code, err, victim.name)
+
+
+def test_channels_last_computes_the_same_and_trains(tmp_path, tiny_flags):
+    from models import build_model
+
+    args = main.parse_args(tiny_flags + ["--num_classes", "7"])
+    torch.manual_seed(0)
+    model = build_model(args)[0].eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(images, 0.5)["pred_boxes"]
+        model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(images, 0.5)["pred_boxes"], expected, atol=1e-5, rtol=1e-4)
+    out = tmp_path / "last"
+    assert main.run(tiny_flags + ["--output_dir", str(out), "--epochs", "1", "--channels_last"]) == 0
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    build_model(args)[0].load_state_dict(checkpoint["model"])
