@@ -424,8 +424,12 @@ def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts:
         print(f"\n{label}, {device.type} {dtype}, batch 1 (training: batch {opts.train_batch}); "
               f"{opts.clock}-clock ms: median [fastest-slowest]; (x) = ratio to DETR")
         print(format_rows(rows))
+        if evaluation:
+            print(f"\nevaluation step at ratios {opts.eval_ratios}: {evaluation['all_ratios']} ms, at "
+                  f"{opts.eval_ratios[0]} alone: {evaluation['one_ratio']} ms "
+                  f"({evaluation['all_ratios'].median / evaluation['one_ratio'].median:.2f}x)")
+            evals.append(evaluation)
         results += rows
-        evals += [evaluation] if evaluation else []
     return results, evals
 
 
@@ -445,21 +449,16 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rows, evaluations = benchmark_variant(variant, model_flags, image, opts, device)
         results += rows
         evals += evaluations
-    for row in evals:
-        print(f"\n{row['variant']} {row['dtype']} evaluation step: ratios {row['ratios']} {row['all_ratios']} ms, "
-              f"ratio {row['ratios'][0]} alone {row['one_ratio']} ms: "
-              f"{row['all_ratios'].median / row['one_ratio'].median:.2f}x")
-
-    found = checks(results, evals, device)
+        found = checks(results, evals, device)
+        report = {"command": command, "device": device_name(device), "torch": torch.__version__,
+                  "input": [height, width], "clock": opts.clock, "convention": CONVENTION,
+                  "results": [_plain(row) for row in results], "eval": [_plain(row) for row in evals],
+                  "checks": [asdict(check) for check in found]}
+        with open(opts.output, "w") as f:  # after every variant: a run cut short keeps what it measured
+            json.dump(report, f, indent=1)
     print("\nchecks:")
     for check in found:
         print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.value:.3f} (limit {check.limit})")
-    report = {"command": command, "device": device_name(device), "torch": torch.__version__,
-              "input": [height, width], "clock": opts.clock, "convention": CONVENTION,
-              "results": [_plain(row) for row in results], "eval": [_plain(row) for row in evals],
-              "checks": [asdict(check) for check in found]}
-    with open(opts.output, "w") as f:
-        json.dump(report, f, indent=1)
     print(f"\nwritten to {opts.output}")
     return report
 
