@@ -110,7 +110,60 @@ def coco_from_dict(data: dict) -> COCO:
     return coco
 
 
-class CocoDetection(Dataset):
+def box_target(image_id: int, entries: list[dict], height: int, width: int) -> dict[str, Tensor]:
+    """The raw target of non-crowd COCO ``entries`` (``bbox`` xywh, ``category_id``, ``area``),
+    boxes as xyxy pixels, before clipping."""
+    boxes = torch.tensor([e["bbox"] for e in entries], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    size = torch.tensor([height, width], dtype=torch.int64)
+    return {
+        "boxes": boxes,
+        "labels": torch.tensor([e["category_id"] for e in entries], dtype=torch.int64),
+        "image_id": torch.tensor([image_id], dtype=torch.int64),
+        "area": torch.tensor([e["area"] for e in entries], dtype=torch.float32),
+        "iscrowd": torch.zeros(len(entries), dtype=torch.int64),
+        "orig_size": size,
+        "size": size.clone(),
+    }
+
+
+class CocoImages(Dataset):
+    """Images of a COCO-format json paired with their targets.
+
+    Subclasses set ``img_folder``, ``coco`` (a pycocotools index holding the images),
+    ``ids``, ``transforms`` and define ``make_target(image_id, height, width)``.
+    """
+
+    img_folder: str
+    coco: COCO
+    ids: list[int]
+    transforms: Optional[Callable[[Any, dict], tuple[Any, dict]]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, image_id: int) -> Image.Image:
+        """The RGB PIL image of ``image_id``; ``UserError`` if it cannot be decoded."""
+        path = os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+
+    def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]]:
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        target = self.make_target(image_id, image.height, image.width)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+class CocoDetection(CocoImages):
     """Images and detection targets of a COCO-format json.
 
     ``dataset[i]`` is ``(image, target)`` after ``transforms``; the raw target (before
@@ -146,42 +199,10 @@ class CocoDetection(Dataset):
         self.coco = coco_from_dict(data)
         self.ids = sorted(self.coco.imgs.keys())
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def load_image(self, image_id: int) -> Image.Image:
-        """The RGB PIL image of ``image_id``; ``UserError`` if it cannot be decoded."""
-        path = os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
-
     def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
         """The raw target of ``image_id`` for an image of ``height x width`` pixels."""
         anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        size = torch.tensor([height, width], dtype=torch.int64)
-        target = {
-            "boxes": boxes,
-            "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
-            "image_id": torch.tensor([image_id], dtype=torch.int64),
-            "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
-            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
-            "orig_size": size,
-            "size": size.clone(),
-        }
-        return clip_boxes(target, height, width)
-
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]]:
-        image_id = self.ids[index]
-        image = self.load_image(image_id)
-        target = self.make_target(image_id, image.height, image.width)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return clip_boxes(box_target(image_id, anns, height, width), height, width)
 
 
 def build(image_set: str, args: Any) -> CocoDetection:

@@ -23,9 +23,8 @@ import torch
 from PIL import Image
 from panopticapi.utils import rgb2id
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from datasets.coco import coco_from_dict, short_repr
+from datasets.coco import CocoImages, box_target, coco_from_dict, short_repr
 from datasets.transforms import clip_boxes, make_coco_transforms
 from util.errors import UserError
 
@@ -100,7 +99,7 @@ def detection_dict(data: dict) -> dict:
     return {"images": data["images"], "annotations": annotations, "categories": data["categories"]}
 
 
-class CocoPanoptic(Dataset):
+class CocoPanoptic(CocoImages):
     """Images and targets of a COCO panoptic json, one sample per annotation.
 
     ``dataset[i]`` is ``(image, target)`` after ``transforms``; the raw target holds
@@ -142,18 +141,6 @@ class CocoPanoptic(Dataset):
         self.annotations = {ann["image_id"]: ann for ann in data["annotations"]}
         self.ids = sorted(self.annotations)
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def load_image(self, image_id: int) -> Image.Image:
-        """The RGB PIL image of ``image_id``; ``UserError`` if it cannot be decoded."""
-        path = os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
-
     def load_segment_ids(self, image_id: int, height: int, width: int) -> np.ndarray:
         """The ``(height, width)`` segment id map of ``image_id``'s PNG, checked against its json."""
         ann = self.annotations[image_id]
@@ -174,31 +161,12 @@ class CocoPanoptic(Dataset):
     def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
         """The raw target of ``image_id`` for an image of ``height x width`` pixels."""
         segments = [s for s in self.annotations[image_id]["segments_info"] if not s["iscrowd"]]
-        boxes = torch.tensor([s["bbox"] for s in segments], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        size = torch.tensor([height, width], dtype=torch.int64)
-        target = {
-            "boxes": boxes,
-            "labels": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
-            "image_id": torch.tensor([image_id], dtype=torch.int64),
-            "area": torch.tensor([s["area"] for s in segments], dtype=torch.float32),
-            "iscrowd": torch.zeros(len(segments), dtype=torch.int64),
-            "orig_size": size,
-            "size": size.clone(),
-        }
+        target = box_target(image_id, segments, height, width)
         if self.return_masks:
             ids = torch.from_numpy(self.load_segment_ids(image_id, height, width).astype(np.int64))
             seg_ids = torch.tensor([s["id"] for s in segments], dtype=torch.int64)
             target["masks"] = ids[None] == seg_ids[:, None, None]
         return clip_boxes(target, height, width)
-
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]]:
-        image_id = self.ids[index]
-        image = self.load_image(image_id)
-        target = self.make_target(image_id, image.height, image.width)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
 
 
 def png_folder(root: str, image_set: str) -> str:
