@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 SCORE_PRED_NETS = ("2layer-fc-256", "2layer-fc-16", "1layer-fc")
@@ -71,6 +72,20 @@ def _score_pred_net(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"--score_pred_net: expected one of {SCORE_PRED_NETS}, got {kind!r}")
 
 
+def _pointwise(net: nn.Module, tokens: Tensor) -> Tensor:
+    """Apply a score net of 1x1 convolutions to ``(B, L, C)`` tokens as matrix products.
+
+    The same function as on the ``(B, C, H, W)`` map, without a convolution kernel's layout
+    conversions (measured on CPU: part of a 15-25% faster sampler, docs/BENCHMARKS.md).
+    """
+    for layer in net if isinstance(net, nn.Sequential) else [net]:
+        if isinstance(layer, nn.Conv2d):
+            tokens = F.linear(tokens, layer.weight.flatten(1), layer.bias)
+        else:
+            tokens = layer(tokens)
+    return tokens
+
+
 def _k_proj(kind: str, dim: int, num_coarse: int) -> nn.Module:
     if kind == "1layer-fc":
         return nn.Linear(dim, num_coarse)
@@ -122,9 +137,10 @@ class PollAndPoolSampler(nn.Module):
     def forward(self, x: Tensor, mask: Tensor, pos: Tensor, ratio: Optional[float] = None) -> SampledTokens:
         """x, pos: ``(B, C, H, W)``; mask: ``(B, H, W)`` bool, True on padding; ratio in (0, 1]."""
         ratio = check_ratio(self.default_ratio if ratio is None else ratio)
-        batch, dim = x.shape[:2]
-        scores = self.score_pred_net(x).sigmoid().flatten(1)            # (B, L)
-        features = self.norm_feature(x.flatten(2).transpose(1, 2))      # (B, L, C)
+        batch = x.shape[0]
+        tokens = x.flatten(2).transpose(1, 2)                           # (B, L, C)
+        scores = _pointwise(self.score_pred_net, tokens).sigmoid().flatten(1)  # (B, L)
+        features = self.norm_feature(tokens)                            # (B, L, C)
         pos = pos.flatten(2).transpose(1, 2)                            # (B, L, C)
         pad = mask.flatten(1)                                           # (B, L)
 
@@ -135,18 +151,19 @@ class PollAndPoolSampler(nn.Module):
         poll_index = rank_scores.topk(num_fine, dim=1).indices          # (B, N)
         fine_pad = torch.arange(num_fine, device=x.device)[None] >= num_polled[:, None]
         poll_scores = scores.gather(1, poll_index)                      # (B, N)
-        gather_index = poll_index[..., None].expand(-1, -1, dim)
-        fine = features.gather(1, gather_index) * poll_scores[..., None]
-        fine_pos = pos.gather(1, gather_index)
+        rows = torch.arange(batch, device=x.device)[:, None]
+        fine = features[rows, poll_index] * poll_scores[..., None]      # row copies, faster than gather
+        fine_pos = pos[rows, poll_index]
 
         # Pool: attention of M learned queries over the positions left out of the poll.
         polled = torch.zeros_like(pad).scatter(1, poll_index, ~fine_pad)
         left_out = polled | pad                                         # (B, L)
         empty_pool = left_out.all(dim=1)                                # (B,)
         logits = self.k_proj(features + pos if self.pos_embed_kproj else features)  # (B, L, M)
+        logits = logits.transpose(1, 2).contiguous()                    # (B, M, L): softmax over contiguous rows
         # A finite fill keeps an empty pool's softmax (and its gradient) free of NaN.
-        logits = logits.masked_fill(left_out[..., None], torch.finfo(logits.dtype).min)
-        pool_weights = logits.softmax(dim=1).transpose(1, 2)            # (B, M, L)
+        logits = logits.masked_fill(left_out[:, None, :], torch.finfo(logits.dtype).min)
+        pool_weights = logits.softmax(dim=-1)                           # (B, M, L)
         pool_weights = pool_weights.masked_fill(empty_pool[:, None, None], 0.0)
         coarse = self.v_proj(pool_weights @ features)                   # (B, M, C)
         coarse = coarse.masked_fill(empty_pool[:, None, None], 0.0)
