@@ -38,12 +38,9 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_annotation_json(ann_file: str) -> dict:
-    """Read a COCO detection json, checking the fields this project relies on.
-
-    Missing ``area`` defaults to the bbox area and missing ``iscrowd`` to 0 (COCOeval needs
-    both). Raises ``UserError`` naming the file (and field) for every problem found.
-    """
+def read_json_object(ann_file: str) -> dict:
+    """The JSON object in ``ann_file``; ``UserError`` naming the file if it is missing, not JSON
+    or not an object."""
     if not os.path.isfile(ann_file):
         raise UserError(f"annotation file not found: {ann_file}")
     try:
@@ -54,6 +51,16 @@ def load_annotation_json(ann_file: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{ann_file}: expected a JSON object with 'images', 'annotations' and "
                         f"'categories', got {type(data).__name__}")
+    return data
+
+
+def load_annotation_json(ann_file: str) -> dict:
+    """Read a COCO detection json, checking the fields this project relies on.
+
+    Missing ``area`` defaults to the bbox area and missing ``iscrowd`` to 0 (COCOeval needs
+    both). Raises ``UserError`` naming the file (and field) for every problem found.
+    """
+    data = read_json_object(ann_file)
     for section, fields in REQUIRED_FIELDS.items():
         entries = data.get(section)
         if not isinstance(entries, list):

@@ -14,7 +14,6 @@ each annotation's ``segments_info`` gives every segment's ``id``, ``category_id`
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Optional
 
@@ -24,7 +23,7 @@ from PIL import Image
 from panopticapi.utils import rgb2id
 from torch import Tensor
 
-from datasets.coco import CocoImages, box_target, coco_from_dict, short_repr
+from datasets.coco import CocoImages, box_target, coco_from_dict, read_json_object, short_repr
 from datasets.transforms import clip_boxes, make_coco_transforms
 from util.errors import UserError
 
@@ -54,15 +53,7 @@ def load_panoptic_json(ann_file: str) -> dict:
     Every annotation must name a listed image, every segment a listed category; missing
     ``iscrowd`` defaults to 0. Raises ``UserError`` naming the file (and entry) otherwise.
     """
-    if not os.path.isfile(ann_file):
-        raise UserError(f"annotation file not found: {ann_file}")
-    try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as err:
-        raise UserError(f"{ann_file}: not valid JSON ({' '.join(str(err).split())})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{ann_file}: expected a JSON object with 'images', 'annotations' and 'categories'")
+    data = read_json_object(ann_file)
     for section, fields in REQUIRED_FIELDS.items():
         if not isinstance(data.get(section), list):
             raise UserError(f"{ann_file}: missing list field '{section}'")
