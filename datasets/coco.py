@@ -134,6 +134,15 @@ def box_target(image_id: int, entries: list[dict], height: int, width: int) -> d
     }
 
 
+def read_image(path: str) -> Image.Image:
+    """The image file at ``path`` as an RGB PIL image; ``UserError`` naming it if it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+
+
 class CocoImages(Dataset):
     """Images of a COCO-format json paired with their targets.
 
@@ -151,12 +160,7 @@ class CocoImages(Dataset):
 
     def load_image(self, image_id: int) -> Image.Image:
         """The RGB PIL image of ``image_id``; ``UserError`` if it cannot be decoded."""
-        path = os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+        return read_image(os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"]))
 
     def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -48,7 +48,11 @@ def _preview(keys: list[str], limit: int = 3) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+DEFAULT_ADVICE = "check --backbone, --hidden_dim, --enc_layers/--dec_layers, --num_queries, --no_pnp and --backbone_weights"
+
+
+def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                       built_from: str = "the flags", advice: str = DEFAULT_ADVICE) -> list[str]:
     """Load ``state_dict`` into ``model`` with strict key matching, up to two allowed gaps.
 
     * ``transformer.sampler.*`` absent from the checkpoint (a DETR checkpoint loaded into a
@@ -56,7 +60,8 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     * ``class_embed.*`` of another shape (fine-tuning on another class set): not loaded.
 
     Returns the notes to print about those gaps. Anything else that does not fit raises a
-    ``UserError`` naming the checkpoint and the keys, in one line.
+    ``UserError`` naming the checkpoint and the keys, in one line, saying what the model was
+    ``built_from`` and ending in ``advice``.
     """
     own = model.state_dict()
     notes = []
@@ -84,9 +89,8 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     if mismatched:
         problems.append(f"shape mismatch {_preview(mismatched)}")
     if problems:
-        raise UserError(f"{source}: checkpoint does not fit the model built from the flags "
-                        f"({'; '.join(problems)}); check --backbone, --hidden_dim, --enc_layers/--dec_layers, "
-                        "--num_queries, --no_pnp and --backbone_weights")
+        raise UserError(f"{source}: checkpoint does not fit the model built from {built_from} "
+                        f"({'; '.join(problems)}); {advice}")
     if sampler_missing:
         notes.append(f"{source}: no transformer.sampler weights (a DETR checkpoint): the sampler starts fresh")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
