@@ -79,3 +79,18 @@ TINY_FLAGS = [
 def tiny_flags(synthetic_root) -> list[str]:
     """Flags of a tiny CPU model on the shared synthetic dataset (seconds per epoch)."""
     return TINY_FLAGS + ["--coco_path", synthetic_root]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, synthetic_root) -> tuple:
+    """A tiny PnP-DETR trained 2 epochs, then evaluated at two ratios: its output folder and flags.
+
+    Its checkpoint.pth is read by other tests; only test_main's --eval runs rewrite eval.json.
+    """
+    import main
+
+    out = tmp_path_factory.mktemp("run")
+    flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--output_dir", str(out)]
+    assert main.run(flags + ["--epochs", "2", "--eval_ratios", "0.4", "0.9"]) == 0
+    assert main.run(flags + ["--eval", "--eval_ratios", "0.3", "1.0"]) == 0
+    return out, flags

@@ -15,18 +15,6 @@ def _run(argv, capsys):
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic_root):
-    """A tiny PnP-DETR trained 2 epochs, then evaluated at two ratios."""
-    from conftest import TINY_FLAGS
-
-    out = tmp_path_factory.mktemp("run")
-    flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--output_dir", str(out)]
-    assert main.run(flags + ["--epochs", "2", "--eval_ratios", "0.4", "0.9"]) == 0
-    assert main.run(flags + ["--eval", "--eval_ratios", "0.3", "1.0"]) == 0
-    return out, flags
-
-
 def test_log_has_one_json_object_per_epoch_with_ratio_keys(trained):
     out, _ = trained
     lines = (out / "log.txt").read_text().splitlines()
@@ -218,3 +206,4 @@ def test_channels_last_computes_the_same_and_trains(tmp_path, tiny_flags):
     assert main.run(tiny_flags + ["--output_dir", str(out), "--epochs", "1", "--channels_last"]) == 0
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     build_model(args)[0].load_state_dict(checkpoint["model"])
+
