@@ -1,21 +1,28 @@
 """torch.hub entry points: ``torch.hub.load(repo_dir, 'pnp_detr_resnet50', source='local')``.
 
-Every entry point builds the published architecture for COCO (91 classes + no-object) and
-downloads nothing unless ``pretrained=True`` is asked for, which needs ``checkpoint_url``:
-the original PnP-DETR release published no stable weight URLs.
+Every entry point builds the published architecture for COCO (91 classes + no-object; the
+panoptic ones 250, as DETR's panoptic checkpoints) and downloads nothing unless
+``pretrained=True`` is asked for, which needs ``checkpoint_url``: the original PnP-DETR
+release published no stable weight URLs.
 """
 from typing import Optional
+
+from torch import nn
 
 from main import parse_args
 from models import build_model
 from models.detr import DETR, PostProcess
+from models.segmentation import DETRsegm, PostProcessPanoptic
 from util.checkpoint import load_model_weights, read_checkpoint
 
 dependencies = ["torch", "torchvision", "scipy"]
 
+# COCO panoptic's categories, as in DETR's hub: ids 1-90 are things, 91-200 stuff.
+COCO_PANOPTIC_IS_THING = {i: i <= 90 for i in range(201)}
 
-def _build(flags: list[str], num_classes: int, pretrained: bool, checkpoint_url: Optional[str],
-           return_postprocessor: bool) -> DETR | tuple[DETR, PostProcess]:
+
+def _build(flags: list[str], num_classes: int, pretrained: bool,
+           checkpoint_url: Optional[str]) -> tuple[nn.Module, dict[str, nn.Module]]:
     args = parse_args(flags + ["--num_classes", str(num_classes), "--backbone_weights", "imagenet",
                                "--device", "cpu"])
     model, _, postprocessors = build_model(args)
@@ -24,15 +31,28 @@ def _build(flags: list[str], num_classes: int, pretrained: bool, checkpoint_url:
             raise ValueError("pretrained=True needs checkpoint_url=<path or URL of a DETR/PnP-DETR checkpoint>")
         for note in load_model_weights(model, read_checkpoint(checkpoint_url)["model"], checkpoint_url):
             print(note)
-    return (model, postprocessors["bbox"]) if return_postprocessor else model
+    return model, postprocessors
 
 
 def _entry(flags: list[str], doc: str):
     def entry(pretrained: bool = False, num_classes: int = 91, checkpoint_url: Optional[str] = None,
               return_postprocessor: bool = False) -> DETR | tuple[DETR, PostProcess]:
-        return _build(flags, num_classes, pretrained, checkpoint_url, return_postprocessor)
+        model, postprocessors = _build(flags, num_classes, pretrained, checkpoint_url)
+        return (model, postprocessors["bbox"]) if return_postprocessor else model
 
     entry.__doc__ = doc
+    return entry
+
+
+def _panoptic_entry(flags: list[str], doc: str):
+    def entry(pretrained: bool = False, num_classes: int = 250, threshold: float = 0.85,
+              checkpoint_url: Optional[str] = None,
+              return_postprocessor: bool = False) -> DETRsegm | tuple[DETRsegm, PostProcessPanoptic]:
+        model, _ = _build(flags + ["--masks"], num_classes, pretrained, checkpoint_url)
+        return (model, PostProcessPanoptic(COCO_PANOPTIC_IS_THING, threshold)) if return_postprocessor else model
+
+    entry.__doc__ = doc + (" The post-processor keeps queries above ``threshold`` and knows COCO panoptic's "
+                           "categories.")
     return entry
 
 
@@ -43,6 +63,11 @@ pnp_detr_resnet50 = _entry(["--backbone", "resnet50"], "PnP-DETR R50 (41.1 AP at
 pnp_detr_resnet50_dc5 = _entry(["--backbone", "resnet50", "--dilation"],
                                "PnP-DETR DC5-R50 (42.7 AP at r=0.33, 43.1 at r=0.5).")
 pnp_detr_resnet101 = _entry(["--backbone", "resnet101"], "PnP-DETR R101.")
+detr_resnet50_panoptic = _panoptic_entry(["--no_pnp", "--backbone", "resnet50"],
+                                         "DETR R50 panoptic (PQ 43.4); DETR's panoptic checkpoints load into it.")
+pnp_detr_resnet50_panoptic = _panoptic_entry(["--backbone", "resnet50"],
+                                             "PnP-DETR R50 panoptic: the encoder memory is put back on the grid "
+                                             "(GridMemory) for DETR's mask head.")
 
 __all__ = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "pnp_detr_resnet50",
-           "pnp_detr_resnet50_dc5", "pnp_detr_resnet101"]
+           "pnp_detr_resnet50_dc5", "pnp_detr_resnet101", "detr_resnet50_panoptic", "pnp_detr_resnet50_panoptic"]
