@@ -43,3 +43,13 @@ def test_side_by_side_puts_panels_left_to_right_with_a_white_gap():
     assert picture.getpixel((29, 0)) == (0, 0, 0)
     assert picture.getpixel((30, 0)) == (255, 255, 255)
     assert picture.getpixel((30 + PANEL_GAP, 24)) == (0, 0, 255)
+
+
+def test_labels_of_boxes_sharing_a_corner_are_stacked():
+    boxes = [_detection(1, (0, 0, 80, 60)), _detection(2, (0, 0, 70, 50))]
+    one = draw_detections(Image.new("RGB", (80, 60), GREY), boxes[:1])
+    two = draw_detections(Image.new("RGB", (80, 60), GREY), boxes)
+    first = [y for y in range(1, 40) if one.getpixel((3, y)) == PALETTE[1]]     # rows of the first label
+    second = [y for y in range(1, 40) if two.getpixel((3, y)) == PALETTE[2]]
+    assert first and all(two.getpixel((3, y)) == PALETTE[1] for y in first)    # the first label stays
+    assert second and min(second) > max(first)                                # the second goes below it

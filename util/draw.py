@@ -1,6 +1,6 @@
 """Pictures drawn with PIL: labelled detection boxes, and where the poll looked (``predict.py --draw``)."""
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
@@ -41,28 +41,40 @@ def _scaled(image: Image.Image, scale: float) -> Image.Image:
 
 
 def _caption(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: tuple[int, int, int],
-             font: ImageFont.ImageFont) -> None:
-    """``text`` in white on a ``colour`` box whose top-left corner is ``xy``."""
-    left, top, right, bottom = draw.textbbox(xy, text, font=font)
+             font: ImageFont.ImageFont, taken: Optional[list[tuple[float, float, float, float]]] = None) -> None:
+    """``text`` on a ``colour`` box whose top-left corner is ``xy``, moved down below
+    every box of ``taken`` it would cover (then added to ``taken``)."""
+    x, y = xy
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+    for other in sorted(taken or [], key=lambda box: box[1]):
+        if left < other[2] and other[0] < right and top < other[3] and other[1] < bottom:
+            y += other[3] + 1 - (top - 1)  # padded top just below the padded bottom
+            left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+    if taken is not None:
+        taken.append((left - 1, top - 1, right + 1, bottom + 1))
     draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-    draw.text(xy, text, fill=(255, 255, 255), font=font)
+    red, green, blue = colour
+    dark_text = 0.299 * red + 0.587 * green + 0.114 * blue > 150  # readable on light colours
+    draw.text((x, y), text, fill=(0, 0, 0) if dark_text else (255, 255, 255), font=font)
 
 
 def draw_detections(image: Image.Image, detections: list[dict[str, Any]], scale: float = 1.0) -> Image.Image:
     """A copy of ``image``, enlarged ``scale`` times, with each detection's box and label.
 
     A detection is a dict with ``bbox`` ``[x, y, width, height]`` in pixels of ``image``,
-    ``category_id``, ``category`` (its name) and ``score``; the label reads ``"name 0.93"``.
+    ``category_id``, ``category`` (its name) and ``score``; the label reads ``"name 0.93"``,
+    inside the box's top-left corner, or below the labels drawn before it that are there.
     """
     canvas = _scaled(image, scale)
     draw = ImageDraw.Draw(canvas)
     font = _font(scale)
     width = max(1, round(scale))
+    labels: list[tuple[float, float, float, float]] = []
     for det in detections:
         x, y, w, h = (v * scale for v in det["bbox"])
         colour = PALETTE[det["category_id"] % len(PALETTE)]
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=width)
-        _caption(draw, (x + width, y + width), f"{det['category']} {det['score']:.2f}", colour, font)
+        _caption(draw, (x + width, y + width), f"{det['category']} {det['score']:.2f}", colour, font, labels)
     return canvas
 
 
