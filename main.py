@@ -12,7 +12,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,10 @@ from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError
 from util.flops import CONVENTION, mean_flops
-from util.plot_utils import plot_tradeoff
+from util.plot_utils import log_scalars, plot_tradeoff
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
 
@@ -129,6 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the backbone and the transformer (the first batches compile; see docs/BENCHMARKS.md)")
     g.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log the scalars of log.txt to output_dir/tensorboard after every training epoch "
+                        "(needs the optional tensorboard package)")
     g.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     return p
@@ -202,6 +208,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--flops_images must be 0 or more, got {args.flops_images}")
     if args.baseline_eval and not args.eval:
         raise UserError("--baseline_eval is only used with --eval")
+    if args.tensorboard and not args.eval and not args.output_dir:
+        raise UserError("--tensorboard logs to output_dir/tensorboard: give --output_dir")
 
 
 def seed_everything(seed: int) -> None:
@@ -264,6 +272,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tensorboard_writer(args: argparse.Namespace, output_dir: Optional[Path]) -> Optional["SummaryWriter"]:
+    """A TensorBoard writer for ``output_dir/tensorboard`` on rank 0 when training with
+    ``--tensorboard``, else None (``--eval`` logs no epoch).
+
+    Every rank imports it, so a missing package stops each one with the same one-line error.
+    """
+    if not args.tensorboard or args.eval:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(output_dir / "tensorboard")) if utils.is_main_process() else None
+
+
 def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple[Optional[DataLoader], DataLoader]:
     batches_val = ShardedBatchSampler(len(dataset_val), args.batch_size, utils.get_rank(), utils.get_world_size())
     loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=utils.collate_fn,
@@ -287,6 +310,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
+    writer = tensorboard_writer(args, output_dir)
 
     resume = args.resume
     if not resume and output_dir is not None and (output_dir / "checkpoint.pth").exists():
@@ -403,6 +427,12 @@ def main(args: argparse.Namespace) -> None:
         if output_dir is not None and utils.is_main_process():
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
+        if writer is not None:
+            for name, value in log_scalars(log_stats).items():
+                writer.add_scalar(name, value, epoch)
+            writer.flush()
+    if writer is not None:
+        writer.close()
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
 

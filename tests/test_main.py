@@ -1,6 +1,7 @@
 """main.py end to end: train, evaluate, resume, presets and one-line errors."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -207,3 +208,32 @@ def test_channels_last_computes_the_same_and_trains(tmp_path, tiny_flags):
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     build_model(args)[0].load_state_dict(checkpoint["model"])
 
+
+def test_tensorboard_logs_the_scalars_of_log_txt(tmp_path, tiny_flags):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from util.plot_utils import log_scalars
+
+    assert main.run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1", "--eval_ratios", "0.5",
+                                  "--tensorboard"]) == 0
+    logged = log_scalars(json.loads((tmp_path / "log.txt").read_text()))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(logged)
+    assert "test_ratio_0.5_AP" in logged
+    for name in ("train_loss", "test_ratio_0.5_AP"):
+        (event,) = events.Scalars(name)
+        assert event.step == 0 and event.value == pytest.approx(logged[name], rel=1e-6)
+
+
+def test_tensorboard_without_its_package_is_named_before_training(tmp_path, tiny_flags, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    code, out, err = _run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1", "--tensorboard"], capsys)
+    _one_line_error(code, err, "--tensorboard", "pip install tensorboard")
+    assert "training" not in out and not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_tensorboard_needs_an_output_dir(tiny_flags, capsys):
+    code, _, err = _run(tiny_flags + ["--epochs", "1", "--tensorboard"], capsys)
+    _one_line_error(code, err, "--tensorboard", "--output_dir")
