@@ -34,7 +34,7 @@ PANOPTIC_CATEGORY_FILES = ("annotations/panoptic_val2017.json", "annotations/pan
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        "predict.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "predict.py",
         description="Detections of a DETR / PnP-DETR checkpoint on image files, as JSON, and optionally "
                     "pictures of the boxes and of the poll. The model is rebuilt from the flags stored in "
                     "the checkpoint (its weights decide the class count and whether it has a sampler); "
@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                f"file, width, height and its detections (category_id, category, score, bbox); {BOX_FORMAT}.")
     p.add_argument("images", nargs="+", help="image files and folders (a folder: its image files, not recursive)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by main.py (path or URL)")
-    p.add_argument("--threshold", default=0.5, type=float, help="keep detections whose class score is above this")
+    p.add_argument("--threshold", default=0.5, type=float, help="keep detections whose class score is above this (default: 0.5)")
     p.add_argument("--sample_topk_ratio", default=None, type=float,
                    help="poll ratio r in (0, 1] (default: the checkpoint's --sample_topk_ratio; "
                         "ignored for a DETR checkpoint)")
@@ -54,13 +54,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--show_poll", action="store_true",
                    help="--draw: add a panel of the polled feature cells (orange) and the pool's weight "
                         "on the others (blue)")
-    p.add_argument("--draw_scale", default=1.0, type=float, help="--draw: enlarge the pictures this many times")
+    p.add_argument("--draw_scale", default=1.0, type=float, help="--draw: enlarge the pictures this many times (default: 1)")
     p.add_argument("--categories", default=None, metavar="JSON",
-                   help="COCO-format json whose 'categories' name the class ids")
+                   help="COCO-format json whose 'categories' name the class ids (default: see below)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
     p.add_argument("--batch_size", default=1, type=int,
-                   help="images per forward pass, padded to the largest as in evaluation")
+                   help="images per forward pass, padded to the largest as in evaluation (default: 1)")
     return p
 
 

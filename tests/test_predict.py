@@ -1,4 +1,5 @@
 """predict.py: detections as JSON, pictures, the poll grid and one-line errors."""
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,8 @@ from torch.utils.data import DataLoader
 import main
 import predict
 from datasets import build_dataset
+from datasets.coco import box_target, read_image
+from datasets.transforms import make_coco_transforms
 from models import build_model
 from models.detr import PostProcess
 from models.pnp import poll_counts
@@ -219,6 +222,28 @@ def test_checkpoint_of_another_architecture_is_named(checkpoint, val_folder, tmp
     _one_line_error(code, err, str(other), *needles)
 
 
+def test_detr_checkpoint_with_namespace_args_is_rebuilt_from_its_weights(trained, val_folder, tmp_path, capsys):
+    """As official DETR checkpoints: ``args`` an argparse.Namespace without ``no_pnp`` or ``num_classes``."""
+    _, flags = trained
+    args = main.parse_args(flags + ["--no_pnp", "--num_classes", "7"])
+    torch.manual_seed(0)
+    model = build_model(args)[0].eval()
+    saved = {k: v for k, v in vars(args).items() if k not in ("no_pnp", "num_classes", "backbone_last_stage")}
+    saved["backbone_last_stage"] = 3  # an option of this project, stored by its checkpoints
+    official = tmp_path / "detr.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(**saved)}, official)
+    image = sorted(val_folder.iterdir())[0]
+    code, out, err = _run(["--checkpoint", str(official), str(image), "--device", "cpu", "--threshold", "0"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["sample_topk_ratio"] is None
+    transformed = make_coco_transforms("val", args.eval_size)(read_image(str(image)), box_target(0, [], 1, 1))[0]
+    with torch.no_grad():
+        expected = model([transformed])["pred_logits"].softmax(-1)[0, :, :-1].max(-1).values
+    got = sorted(d["score"] for d in report["images"][0]["detections"])
+    assert got == pytest.approx(sorted(expected.tolist()), abs=1e-4)
+
+
 def test_show_poll_on_a_detr_checkpoint_is_named(trained, val_folder, tmp_path, capsys):
     _, flags = trained
     args = main.parse_args(flags + ["--no_pnp", "--num_classes", "7"])
@@ -237,3 +262,13 @@ def test_show_poll_on_a_detr_checkpoint_is_named(trained, val_folder, tmp_path, 
 def test_bad_flags_end_in_one_line(checkpoint, val_folder, capsys, extra, needles):
     code, _, err = _run(["--checkpoint", str(checkpoint), str(val_folder), "--device", "cpu"] + extra, capsys)
     _one_line_error(code, err, *needles)
+
+
+def test_two_images_of_one_name_drawn_to_one_file_are_named(checkpoint, val_folder, tmp_path, capsys):
+    image = sorted(val_folder.iterdir())[0]
+    twin = tmp_path / "other" / image.name
+    twin.parent.mkdir()
+    shutil.copy(image, twin)
+    code, _, err = _run(["--checkpoint", str(checkpoint), str(image), str(twin), "--device", "cpu",
+                         "--draw", str(tmp_path / "pictures")], capsys)
+    _one_line_error(code, err, "--draw", str(image), str(twin))
