@@ -45,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                f"file, width, height and its detections (category_id, category, score, bbox); {BOX_FORMAT}.")
     p.add_argument("images", nargs="+", help="image files and folders (a folder: its image files, not recursive)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by main.py (path or URL)")
-    p.add_argument("--threshold", default=0.5, type=float, help="keep detections whose class score is above this (default: 0.5)")
+    p.add_argument("--threshold", default=0.5, type=float,
+                   help="keep detections whose class score is above this (default: 0.5)")
     p.add_argument("--sample_topk_ratio", default=None, type=float,
                    help="poll ratio r in (0, 1] (default: the checkpoint's --sample_topk_ratio; "
                         "ignored for a DETR checkpoint)")
@@ -54,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--show_poll", action="store_true",
                    help="--draw: add a panel of the polled feature cells (orange) and the pool's weight "
                         "on the others (blue)")
-    p.add_argument("--draw_scale", default=1.0, type=float, help="--draw: enlarge the pictures this many times (default: 1)")
+    p.add_argument("--draw_scale", default=1.0, type=float,
+                   help="--draw: enlarge the pictures this many times (default: 1)")
     p.add_argument("--categories", default=None, metavar="JSON",
                    help="COCO-format json whose 'categories' name the class ids (default: see below)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -152,7 +154,8 @@ def category_names(categories_file: Optional[str], args: argparse.Namespace) -> 
     if categories_file is None:
         root, candidates = ((args.coco_panoptic_path, PANOPTIC_CATEGORY_FILES) if args.dataset_file == "coco_panoptic"
                             else (args.coco_path, CATEGORY_FILES))
-        found = [os.path.join(root, name) for name in candidates if root and os.path.isfile(os.path.join(root, name))]
+        paths = [os.path.join(root, name) for name in candidates] if root else []
+        found = [path for path in paths if os.path.isfile(path)]
         if not found:
             return {}, None
         categories_file = found[0]
