@@ -24,6 +24,7 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import STAT_NAMES
 from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
+from datasets.transforms import AUGMENTATIONS
 from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
@@ -111,6 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(--dataset_file coco_panoptic; images come from --coco_path)")
     g.add_argument("--eval_size", default=800, type=int,
                    help="shorter side at evaluation; training scales the published augmentation by eval_size/800")
+    g.add_argument("--augment", default="detr", choices=AUGMENTATIONS,
+                   help="training augmentation: detr (published: flip, multi-scale resize, random crop) or "
+                        "flip (flip and the evaluation resize only; learns faster from scratch)")
     g.add_argument("--num_workers", default=2, type=int, help="data loading processes per training process")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="", help="where to save checkpoints and logs (empty: nothing is saved)")

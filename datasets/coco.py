@@ -235,5 +235,5 @@ def build(image_set: str, args: Any) -> CocoDetection:
         raise UserError(f"annotation file not found: {ann_file} (from --coco_path)")
     if not os.path.isdir(img_folder):
         raise UserError(f"image folder not found: {img_folder} (from --coco_path)")
-    transforms = make_coco_transforms(image_set, args.eval_size)
+    transforms = make_coco_transforms(image_set, args.eval_size, args.augment)
     return CocoDetection(img_folder, ann_file, transforms, num_classes=args.num_classes)

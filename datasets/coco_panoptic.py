@@ -187,6 +187,6 @@ def build(image_set: str, args: Any) -> CocoPanoptic:
     for folder, flag in ((img_folder, "--coco_path"), (ann_folder, "--coco_panoptic_path")):
         if not os.path.isdir(folder):
             raise UserError(f"folder not found: {folder} (from {flag})")
-    transforms = make_coco_transforms(image_set, args.eval_size)
+    transforms = make_coco_transforms(image_set, args.eval_size, args.augment)
     return CocoPanoptic(img_folder, ann_folder, ann_file, transforms, return_masks=args.masks,
                         num_classes=args.num_classes)

@@ -233,13 +233,18 @@ class Compose:
         return f"Compose([{inner}\n])"
 
 
-def make_coco_transforms(image_set: str, eval_size: int = 800) -> Compose:
+AUGMENTATIONS = ("detr", "flip")
+
+
+def make_coco_transforms(image_set: str, eval_size: int = 800, augment: str = "detr") -> Compose:
     """The published DETR augmentation, every size scaled by ``k = eval_size / 800``.
 
     train: flip, then with p=0.5 either a resize of the shorter side to one of
     ``480, 512, ..., 800`` (longer side <= 1333), or a resize to 400/500/600, a random crop
     of sides in ``[384, 600]`` and the same multi-scale resize; then ToTensor + Normalize.
     val: shorter side 800, longer side <= 1333. Scaled sizes are rounded to ints (>= 1).
+    ``augment="flip"`` trains on the val resize plus the flip only (no multi-scale resize or
+    crop), which learns faster from scratch on small datasets (the CPU demo).
     """
     if isinstance(eval_size, bool) or not isinstance(eval_size, int) or eval_size <= 0:
         raise UserError(f"--eval_size must be a positive integer (800 = published), got {eval_size!r}")
@@ -248,7 +253,12 @@ def make_coco_transforms(image_set: str, eval_size: int = 800) -> Compose:
     def scaled(size: int) -> int:
         return max(1, int(round(size * k)))
 
+    if augment not in AUGMENTATIONS:
+        raise UserError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     normalize = Compose([ToTensor(), Normalize()])
+    val_resize = RandomResize([scaled(800)], max_size=scaled(1333))
+    if image_set == "train" and augment == "flip":
+        return Compose([RandomHorizontalFlip(), val_resize, normalize])
     if image_set == "train":
         scales = [scaled(480 + 32 * i) for i in range(11)]
         return Compose([
@@ -264,5 +274,5 @@ def make_coco_transforms(image_set: str, eval_size: int = 800) -> Compose:
             normalize,
         ])
     if image_set == "val":
-        return Compose([RandomResize([scaled(800)], max_size=scaled(1333)), normalize])
+        return Compose([val_resize, normalize])
     raise ValueError(f"make_coco_transforms: image_set must be 'train' or 'val', got {image_set!r}")

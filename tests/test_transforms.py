@@ -169,3 +169,19 @@ def test_train_transform_keeps_boxes_valid():
 def test_bad_eval_size_is_a_user_error(eval_size):
     with pytest.raises(UserError, match="--eval_size"):
         T.make_coco_transforms("val", eval_size=eval_size)
+
+
+def test_flip_augment_trains_at_the_eval_size_without_crops():
+    image, target = make_sample(width=150, height=100, boxes=((10, 10, 50, 40),))
+    transform = T.make_coco_transforms("train", eval_size=80, augment="flip")
+    sizes = set()
+    for _ in range(10):
+        tensor, out = transform(image, target)
+        sizes.add(tuple(tensor.shape[-2:]))
+        assert out["boxes"].shape == (1, 4)
+    assert sizes == {(80, 120)}
+
+
+def test_unknown_augment_is_a_user_error():
+    with pytest.raises(UserError, match="--augment"):
+        T.make_coco_transforms("train", eval_size=80, augment="mosaic")
