@@ -31,7 +31,7 @@ from models.backbone import load_backbone_weights
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
-from util.errors import UserError
+from util.errors import UserError, error_line
 from util.flops import CONVENTION, mean_flops
 from util.plot_utils import log_scalars, plot_tradeoff
 
@@ -445,9 +445,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     try:
         main(parse_args(argv))
     except UserError as err:
-        # Raised in a DataLoader worker, the message comes back with the worker's traceback.
-        message = str(err).strip().splitlines()[-1].removeprefix("util.errors.UserError: ")
-        print(f"error: {message}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)

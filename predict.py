@@ -23,7 +23,7 @@ from models.detr import ImageFeatures
 from models.pnp import SampledTokens
 from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
 from util.draw import PollGrid, draw_detections, draw_poll, side_by_side
-from util.errors import UserError
+from util.errors import UserError, error_line
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -271,7 +271,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     try:
         main(get_args_parser().parse_args(argv))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return 2
     return 0
 

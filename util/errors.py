@@ -8,3 +8,10 @@ line alone (no traceback) and exits with status 2.
 
 class UserError(Exception):
     """Bad input from the user (a flag, a file or a field inside one)."""
+
+
+def error_line(err: UserError) -> str:
+    """The ``error: ...`` line printed for ``err``. Raised in a DataLoader worker, the message
+    comes back with the worker's traceback: its last line is the original message."""
+    message = str(err).strip().splitlines()[-1].removeprefix("util.errors.UserError: ")
+    return f"error: {message}"
