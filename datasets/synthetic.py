@@ -1,7 +1,9 @@
 """A deterministic synthetic detection dataset in the COCO 2017 layout.
 
 Each image has a cluttered background (a colour gradient, smooth colour blobs, pixel noise,
-thin lines and small specks that are not objects) and 0 to 6 filled shapes of 6 classes.
+thin lines and small specks that are not objects) and 0 to 4 filled shapes of 6 classes
+(``--max_objects``), 15% to 60% of the shorter side (``--min_size``, ``--max_size``): at the
+default 96 pixels most are COCO-small (area under 32 x 32).
 Shapes keep at least 60% of their pixels visible when they overlap; boxes are tight around
 the visible pixels and ``area`` is their count. The same seed gives byte-identical files.
 
@@ -10,7 +12,7 @@ image, a checkered patch; the rest is the gradient) from a random stream of thei
 shapes, their placement and the boxes are the same as without; the COCO panoptic annotations
 (things = the shapes, stuff = gradient, band, checker) are written beside the detection ones.
 
-    python -m datasets.synthetic --out data/shapes --num_train 1000 --num_val 200
+    python -m datasets.synthetic --out data/shapes --num_train 5000 --num_val 200
     python -m datasets.synthetic --out data/shapes_panoptic --panoptic
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -35,8 +38,9 @@ BAND_PROBABILITY, CHECKER_PROBABILITY = 0.7, 0.6
 BAND_HALF_WIDTH = (0.08, 0.2)  # / shorter image side
 CHECKER_SIDE = (0.25, 0.6)  # / image side
 CHECKER_CELL = (3, 7)  # pixels
-MAX_OBJECTS = 6
-MIN_REL_SIZE, MAX_REL_SIZE = 0.07, 0.45  # object size / shorter image side (uniform)
+MAX_OBJECTS = 4
+MIN_REL_SIZE, MAX_REL_SIZE = 0.15, 0.6  # object size / shorter image side (uniform)
+IMAGE_SIZE = 96
 MIN_VISIBLE = 0.6  # fraction of an object's pixels that later objects must leave visible
 PLACEMENT_TRIES = 20
 MIN_COLOUR_DISTANCE = 90.0  # RGB distance between a shape and the background under it
@@ -52,6 +56,22 @@ POLYGONS = {
     "diamond": [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)],
 }
 RING_HOLE = 0.55
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many shapes an image holds (uniform in ``0..max_objects``) and how big they are
+    (uniform in ``[min_size, max_size]`` x the shorter image side)."""
+    max_objects: int = MAX_OBJECTS
+    min_size: float = MIN_REL_SIZE
+    max_size: float = MAX_REL_SIZE
+
+    def check(self) -> None:
+        if self.max_objects < 0:
+            raise UserError(f"--max_objects must be >= 0, got {self.max_objects}")
+        if not 0 < self.min_size <= self.max_size <= 1:
+            raise UserError("--min_size/--max_size must satisfy 0 < min_size <= max_size <= 1, "
+                            f"got {self.min_size}/{self.max_size}")
 
 
 def shape_mask(name: str, height: int, width: int, cx: float, cy: float, size: float,
@@ -138,7 +158,7 @@ def contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarra
 
 
 def place_shape(rng: np.random.Generator, category: int, owner: np.ndarray,
-                full_areas: list[int]) -> Optional[np.ndarray]:
+                full_areas: list[int], layout: Layout = Layout()) -> Optional[np.ndarray]:
     """Mask of a new shape that leaves every earlier object ``MIN_VISIBLE`` visible, or None.
 
     ``owner`` is the ``(H, W)`` index of the object visible at each pixel (-1: background);
@@ -148,7 +168,7 @@ def place_shape(rng: np.random.Generator, category: int, owner: np.ndarray,
     visible = np.bincount(owner[owner >= 0], minlength=len(full_areas))
     must_stay = MIN_VISIBLE * np.asarray(full_areas, dtype=np.float64)
     for _ in range(PLACEMENT_TRIES):
-        size = max(4.0, rng.uniform(MIN_REL_SIZE, MAX_REL_SIZE) * min(height, width))
+        size = max(4.0, rng.uniform(layout.min_size, layout.max_size) * min(height, width))
         reach = size / math.sqrt(2)  # every outline fits in this radius around its centre
         cx, cy = rng.uniform(reach, width - reach), rng.uniform(reach, height - reach)
         angle = math.radians(rng.uniform(-20, 20))
@@ -159,15 +179,15 @@ def place_shape(rng: np.random.Generator, category: int, owner: np.ndarray,
     return None
 
 
-def render_image(rng: np.random.Generator, image_size: int
+def render_image(rng: np.random.Generator, image_size: int, layout: Layout = Layout()
                  ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """One uint8 ``(H, W, 3)`` image and its objects as ``(category_id, visible mask)``."""
-    pixels, objects, _ = render_panoptic_image(rng, None, image_size)
+    pixels, objects, _ = render_panoptic_image(rng, None, image_size, layout)
     return pixels, objects
 
 
-def render_panoptic_image(rng: np.random.Generator, stuff_rng: Optional[np.random.Generator], image_size: int
-                          ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], Optional[np.ndarray]]:
+def render_panoptic_image(rng: np.random.Generator, stuff_rng: Optional[np.random.Generator], image_size: int,
+                          layout: Layout = Layout()) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], Optional[np.ndarray]]:
     """``render_image`` plus, with a ``stuff_rng``, stuff regions and their ``(H, W)`` category map
     (see ``render_stuff``; 0 where a shape covers the background), else None.
 
@@ -180,9 +200,9 @@ def render_panoptic_image(rng: np.random.Generator, stuff_rng: Optional[np.rando
     owner = np.full((height, width), -1, dtype=np.int64)
     categories: list[int] = []
     full_areas: list[int] = []
-    for _ in range(rng.integers(0, MAX_OBJECTS + 1)):
+    for _ in range(rng.integers(0, layout.max_objects + 1)):
         category = int(rng.integers(1, len(CATEGORIES) + 1))
-        mask = place_shape(rng, category, owner, full_areas)
+        mask = place_shape(rng, category, owner, full_areas, layout)
         if mask is None:
             continue
         image[mask] = contrasting_colour(rng, image[mask].mean(axis=0))
@@ -237,7 +257,7 @@ def write_panoptic_json(out: str, name: str, images: list[dict], annotations: li
 
 
 def write_split(out: str, split: int, name: str, num_images: int, image_size: int, seed: int,
-                panoptic: bool = False) -> int:
+                panoptic: bool = False, layout: Layout = Layout()) -> int:
     """Write ``out/{name}2017/*.png`` and its json; returns the number of objects.
 
     ``panoptic`` renders stuff too and writes ``out/annotations/panoptic_{name}2017.json`` and
@@ -252,7 +272,7 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
     for index in range(num_images):
         rng = np.random.default_rng([seed, split, index])
         stuff_rng = np.random.default_rng([seed, split, index, 1]) if panoptic else None
-        pixels, objects, stuff = render_panoptic_image(rng, stuff_rng, image_size)
+        pixels, objects, stuff = render_panoptic_image(rng, stuff_rng, image_size, layout)
         image_id = index + 1
         file_name = f"{image_id:012d}.png"
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name))
@@ -268,7 +288,8 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
         write_panoptic_json(out, name, images, panoptic_annotations)
     data = {
         "info": {"description": "synthetic shapes (python -m datasets.synthetic)",
-                 "seed": seed, "image_size": image_size},
+                 "seed": seed, "image_size": image_size, "max_objects": layout.max_objects,
+                 "min_size": layout.min_size, "max_size": layout.max_size},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
@@ -279,16 +300,18 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
     return len(annotations)
 
 
-def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int, panoptic: bool = False) -> None:
+def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int, panoptic: bool = False,
+             layout: Layout = Layout()) -> None:
     """Write the dataset under ``out`` (COCO layout; ``panoptic``: also COCO panoptic) and print a
     one-line summary."""
     if num_train < 0 or num_val < 0:
         raise UserError(f"--num_train/--num_val must be >= 0, got {num_train}/{num_val}")
     if image_size < 32:
         raise UserError(f"--image_size must be at least 32 pixels, got {image_size}")
+    layout.check()
     start = time.time()
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    objects = [write_split(out, split, name, count, image_size, seed, panoptic)
+    objects = [write_split(out, split, name, count, image_size, seed, panoptic, layout)
                for split, (name, count) in enumerate([("train", num_train), ("val", num_val)])]
     classes = f"{len(CATEGORIES)} classes (num_classes {len(CATEGORIES) + 1})"
     if panoptic:
@@ -305,15 +328,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "shapes (circle, square, triangle, cross, ring, diamond; category ids 1-6) on "
                     "cluttered backgrounds: OUT/annotations/instances_{train,val}2017.json and "
                     "OUT/{train,val}2017/*.png. Use it with --coco_path OUT. Image sides are drawn "
-                    "in [0.75, 1] x --image_size; 0-6 objects per image, 7%-45% of the shorter "
-                    "side. Labels are the category ids, so num_classes is 7. The same --seed "
-                    "gives byte-identical files.")
+                    "in [0.75, 1] x --image_size; 0 to --max_objects objects per image, their size "
+                    "uniform in [--min_size, --max_size] x the shorter side. Labels are the category "
+                    "ids, so num_classes is 7. The same flags give byte-identical files.")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--num_train", type=int, default=1000, help="training images (default 1000)")
     parser.add_argument("--num_val", type=int, default=200, help="validation images (default 200)")
-    parser.add_argument("--image_size", type=int, default=160,
-                        help="largest image side in pixels (default 160)")
+    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
+                        help=f"largest image side in pixels (default {IMAGE_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--max_objects", type=int, default=MAX_OBJECTS,
+                        help=f"most objects in one image (default {MAX_OBJECTS})")
+    parser.add_argument("--min_size", type=float, default=MIN_REL_SIZE,
+                        help=f"smallest object size / shorter image side (default {MIN_REL_SIZE})")
+    parser.add_argument("--max_size", type=float, default=MAX_REL_SIZE,
+                        help=f"largest object size / shorter image side (default {MAX_REL_SIZE})")
     parser.add_argument("--panoptic", action="store_true",
                         help="also paint stuff regions (a band, a checkered patch; the rest is the "
                              "gradient: category ids 7-9, isthing 0) and write COCO panoptic annotations: "
@@ -322,7 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "--dataset_file coco_panoptic --coco_path OUT --coco_panoptic_path OUT")
     args = parser.parse_args(argv)
     try:
-        generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic)
+        generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic,
+                 Layout(args.max_objects, args.min_size, args.max_size))
     except UserError as err:
         parser.error(str(err))
 

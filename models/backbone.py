@@ -143,7 +143,8 @@ def load_backbone_weights(backbone: Backbone, spec: str) -> None:
             state_dict = torch.load(spec, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise UserError(f"--backbone_weights: {spec} does not exist "
-                            "(expected 'imagenet', 'none' or a ResNet state_dict file)") from None
+                            "(expected 'imagenet', 'none' or a ResNet state_dict file, "
+                            "e.g. written by pretrain_backbone.py)") from None
         except Exception as err:  # unpickling errors come in many types
             raise UserError(f"--backbone_weights: {spec} is not a readable torch state_dict "
                             f"({type(err).__name__})") from None

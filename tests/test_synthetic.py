@@ -132,6 +132,33 @@ def test_bad_image_size_is_rejected(tmp_path, capsys):
     assert "--image_size" in capsys.readouterr().err
 
 
+def test_layout_flags_bound_object_counts_and_sizes(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--num_train", "30", "--num_val", "0", "--image_size", "64",
+          "--max_objects", "2", "--min_size", "0.4", "--max_size", "0.5"])
+    with open(tmp_path / "annotations" / "instances_train2017.json") as f:
+        data = json.load(f)
+    counts = np.bincount([a["image_id"] for a in data["annotations"]], minlength=31)[1:]
+    assert counts.max() == 2 and (counts == 0).any()
+    assert data["info"]["max_objects"] == 2 and data["info"]["min_size"] == 0.4
+    sizes = {i["id"]: min(i["width"], i["height"]) for i in data["images"]}
+    # A visible box is at most the rotated outline (size x sqrt(2)); an unoccluded one is at
+    # least the ring's or cross's full extent along one axis (size x cos(20 deg)).
+    longest = [max(a["bbox"][2:]) / sizes[a["image_id"]] for a in data["annotations"]]
+    assert max(longest) <= 0.5 * 2 ** 0.5 + 0.05
+    assert np.median(longest) >= 0.4 * 0.9
+
+
+@pytest.mark.parametrize("flags, name", [(["--max_objects", "-1"], "--max_objects"),
+                                         (["--min_size", "0.5", "--max_size", "0.4"], "--min_size/--max_size"),
+                                         (["--max_size", "1.5"], "--min_size/--max_size")])
+def test_bad_layout_is_rejected(tmp_path, capsys, flags, name):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--out", str(tmp_path)] + flags)
+    assert excinfo.value.code == 2
+    assert name in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "annotations")
+
+
 # ----------------------------------------------------------------------------- panoptic
 def _pixels_and_json_digest(root):
     """sha256 over the decoded pixels of every PNG and the bytes of every other file."""
@@ -146,7 +173,7 @@ def test_detection_output_is_unchanged_by_the_panoptic_extension(tmp_path):
     # Digest of the generator as it was before --panoptic existed (same seed and flags).
     with contextlib.redirect_stdout(io.StringIO()):
         generate(str(tmp_path), num_train=3, num_val=1, image_size=40, seed=5)
-    assert _pixels_and_json_digest(str(tmp_path)) == "b81763e71088ac03cf9d6bc6efef4831b74e56ec53126c1bba69e64a3bcb942e"
+    assert _pixels_and_json_digest(str(tmp_path)) == "a0c8753a12a4a47bbc591526ddcef3416e9d4017b586cd69f9a7e59dd8f5cd26"
 
 
 def _panoptic(root, split):
