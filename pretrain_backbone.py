@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from datasets import build_dataset
-from main import parse_args as training_args, seed_everything
+from main import check_args, parse_args as training_args, seed_everything
 from models.backbone import Backbone
 from util.errors import UserError, error_line
 from util.misc import NestedTensor, collate_fn, save_on_master
@@ -86,8 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
+    """Train ``CellClassifier`` for ``args.steps`` steps on ``train``'s training split; save its backbone."""
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    check_args(train)
     seed_everything(train.seed)
     device = torch.device(train.device)
     dataset = build_dataset("train", train)

@@ -81,3 +81,9 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
     assert P.run(["--out", str(tmp_path / "b.pth"), "--coco_path", str(tmp_path / "nowhere")] + TINY_FLAGS) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "nowhere" in err[0]
+
+
+def test_training_flags_are_checked_as_by_main(tmp_path, synthetic_root, capsys):
+    flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--batch_size", "0"]
+    assert P.run(["--out", str(tmp_path / "b.pth")] + flags) == 2
+    assert capsys.readouterr().err.strip() == "error: --batch_size must be at least 1, got 0"
