@@ -1,5 +1,4 @@
 """Box conversions and overlaps (util/box_ops.py)."""
-import pytest
 import torch
 import torchvision
 

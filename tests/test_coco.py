@@ -47,7 +47,8 @@ def write_dataset(root, images=None, annotations=None, categories=None, raw_json
 
 
 def dataset_args(coco_path, **overrides):
-    args = {"dataset_file": "coco", "coco_path": coco_path, "eval_size": 800, "num_classes": None}
+    args = {"dataset_file": "coco", "coco_path": coco_path, "eval_size": 800, "augment": "detr",
+            "num_classes": None}
     args.update(overrides)
     return Namespace(**args)
 

@@ -10,7 +10,7 @@ from datasets.coco_eval import STAT_NAMES, CocoEvaluator
 
 @pytest.fixture(scope="module")
 def coco_gt(synthetic_root):
-    args = Namespace(coco_path=synthetic_root, eval_size=800, num_classes=None)
+    args = Namespace(coco_path=synthetic_root, eval_size=800, augment="detr", num_classes=None)
     return build("val", args).coco
 
 

@@ -16,7 +16,7 @@ from util.errors import UserError
 
 
 def panoptic_args(root, **overrides) -> Namespace:
-    args = {"dataset_file": "coco_panoptic", "coco_path": root, "coco_panoptic_path": root, "eval_size": 48,
+    args = {"dataset_file": "coco_panoptic", "coco_path": root, "coco_panoptic_path": root, "eval_size": 48, "augment": "detr",
             "num_classes": None, "masks": True}
     args.update(overrides)
     return Namespace(**args)
@@ -188,6 +188,6 @@ def test_main_reports_bad_panoptic_input_in_one_line(copy, tmp_path, capsys):
 ])
 def test_panoptic_flags_are_checked(synthetic_root, overrides, needle):
     args = Namespace(**{"dataset_file": "coco", "coco_path": synthetic_root, "coco_panoptic_path": None,
-                        "eval_size": 48, "num_classes": None, "masks": False, **overrides})
+                        "eval_size": 48, "augment": "detr", "num_classes": None, "masks": False, **overrides})
     with pytest.raises(UserError, match=needle):
         build_dataset("val", args)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import main
-from models.detr import DETR, PostProcess, SetCriterion, build
+from models.detr import PostProcess, SetCriterion, build
 from models.matcher import HungarianMatcher
 from util.errors import UserError
 from util.misc import NestedTensor

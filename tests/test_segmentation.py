@@ -13,7 +13,7 @@ from PIL import Image
 import main
 from models.detr import build as build_detector
 from models.pnp import PollAndPoolSampler, SampledTokens
-from models.segmentation import (DETRsegm, GridMemory, PostProcessPanoptic, PostProcessSegm, build, dice_loss,
+from models.segmentation import (GridMemory, PostProcessPanoptic, PostProcessSegm, build, dice_loss,
                                  load_frozen_detector, sigmoid_focal_loss)
 from util.errors import UserError
 
