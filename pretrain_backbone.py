@@ -87,8 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
     """Train ``CellClassifier`` for ``args.steps`` steps on ``train``'s training split; save its backbone."""
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.steps < 1 or args.print_every < 1:
+        raise UserError(f"--steps and --print_every must be at least 1, got {args.steps} and {args.print_every}")
     check_args(train)
     seed_everything(train.seed)
     device = torch.device(train.device)

@@ -73,7 +73,7 @@ def test_pretraining_lowers_the_loss(synthetic_root, tmp_path, capsys):
 def test_bad_steps_is_one_line(tmp_path, synthetic_root, capsys):
     assert P.run(["--out", str(tmp_path / "b.pth"), "--steps", "0", "--coco_path", synthetic_root] + TINY_FLAGS) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: --steps must be at least 1, got 0"
+    assert err == "error: --steps and --print_every must be at least 1, got 0 and 100"
     assert not (tmp_path / "b.pth").exists()
 
 
