@@ -67,6 +67,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A command-line entry point ended with status 2 and one ``error:`` line holding every needle."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 TINY_FLAGS = [
     "--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--backbone_last_stage", "3",
     "--eval_size", "64", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import main
+from conftest import TINY_FLAGS, assert_one_line_error
 from datasets.coco_eval import STAT_NAMES
 
 
@@ -102,15 +103,6 @@ def test_shipped_presets_parse(name):
     assert args.output_dir
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("extra,needles", [
     (["--sample_ratio_lower_bound", "0.9", "--sample_ratio_higher_bound", "0.5"], ["--sample_ratio_lower_bound"]),
     (["--sample_ratio_higher_bound", "1.5"], ["--sample_ratio_higher_bound", "(0, 1]"]),
@@ -122,21 +114,19 @@ def _one_line_error(code, err, *needles):
 ])
 def test_bad_flags_end_in_one_line(tiny_flags, tmp_path, capsys, extra, needles):
     code, _, err = _run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1"] + extra, capsys)
-    _one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
 
 
 def test_missing_coco_path_is_named(tmp_path, capsys):
-    from conftest import TINY_FLAGS
-
     code, _, err = _run(TINY_FLAGS + ["--coco_path", str(tmp_path / "nowhere")], capsys)
-    _one_line_error(code, err, "--coco_path", "nowhere")
+    assert_one_line_error(code, err, "--coco_path", "nowhere")
     code, _, err = _run(TINY_FLAGS, capsys)
-    _one_line_error(code, err, "--coco_path")
+    assert_one_line_error(code, err, "--coco_path")
 
 
 def test_resume_of_a_missing_file_is_named(tiny_flags, tmp_path, capsys):
     code, _, err = _run(tiny_flags + ["--resume", str(tmp_path / "nope.pth")], capsys)
-    _one_line_error(code, err, "--resume", "nope.pth")
+    assert_one_line_error(code, err, "--resume", "nope.pth")
 
 
 @pytest.mark.parametrize("content", [b"\x00garbage" * 10, None])
@@ -147,7 +137,7 @@ def test_resume_of_a_foreign_file_is_named(tiny_flags, tmp_path, capsys, content
     else:
         path.write_bytes(content)
     code, _, err = _run(tiny_flags + ["--resume", str(path)], capsys)
-    _one_line_error(code, err, "--resume", "foreign.pth")
+    assert_one_line_error(code, err, "--resume", "foreign.pth")
 
 
 def test_resume_of_another_architecture_is_named_and_left_intact(trained, tiny_flags, tmp_path, capsys):
@@ -156,7 +146,7 @@ def test_resume_of_another_architecture_is_named_and_left_intact(trained, tiny_f
     shutil.copy(out / "checkpoint.pth", copy)
     before = copy.read_bytes()
     code, _, err = _run(tiny_flags + ["--hidden_dim", "64", "--resume", str(copy), "--eval"], capsys)
-    _one_line_error(code, err, "other.pth", "--hidden_dim")
+    assert_one_line_error(code, err, "other.pth", "--hidden_dim")
     assert copy.read_bytes() == before
 
 
@@ -170,7 +160,7 @@ def test_bad_preset_is_named(tmp_path, capsys, text, needles):
     preset = tmp_path / "preset.yaml"
     preset.write_text(text)
     code, _, err = _run(["--config", str(preset)], capsys)
-    _one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
 
 
 def test_readme_documents_every_flag():
@@ -189,7 +179,7 @@ def test_corrupt_image_in_a_loader_worker_ends_in_one_line(synthetic_root, tiny_
     flags[flags.index("--coco_path") + 1] = str(data)
     flags[flags.index("--num_workers") + 1] = "1"
     code, _, err = _run(flags + ["--output_dir", str(tmp_path / "out"), "--epochs", "1"], capsys)
-    _one_line_error(code, err, victim.name)
+    assert_one_line_error(code, err, victim.name)
 
 
 def test_channels_last_computes_the_same_and_trains(tmp_path, tiny_flags):
@@ -230,10 +220,10 @@ def test_tensorboard_logs_the_scalars_of_log_txt(tmp_path, tiny_flags):
 def test_tensorboard_without_its_package_is_named_before_training(tmp_path, tiny_flags, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     code, out, err = _run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1", "--tensorboard"], capsys)
-    _one_line_error(code, err, "--tensorboard", "pip install tensorboard")
+    assert_one_line_error(code, err, "--tensorboard", "pip install tensorboard")
     assert "training" not in out and not (tmp_path / "checkpoint.pth").exists()
 
 
 def test_tensorboard_needs_an_output_dir(tiny_flags, capsys):
     code, _, err = _run(tiny_flags + ["--epochs", "1", "--tensorboard"], capsys)
-    _one_line_error(code, err, "--tensorboard", "--output_dir")
+    assert_one_line_error(code, err, "--tensorboard", "--output_dir")

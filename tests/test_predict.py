@@ -20,6 +20,7 @@ from models.pnp import poll_counts
 from util.checkpoint import plain_args
 from util.draw import PANEL_GAP
 from util.misc import collate_fn
+from conftest import assert_one_line_error
 
 RATIO, BATCH = 0.5, 3
 
@@ -39,15 +40,6 @@ def _run(argv, capsys):
     code = predict.run(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def _one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +180,7 @@ def test_unreadable_image_is_named(checkpoint, val_folder, tmp_path, capsys):
     victim = sorted(folder.iterdir())[1]
     victim.write_bytes(b"not a png")
     code, _, err = _run(["--checkpoint", str(checkpoint), str(folder), "--device", "cpu"], capsys)
-    _one_line_error(code, err, str(victim))
+    assert_one_line_error(code, err, str(victim))
 
 
 @pytest.mark.parametrize("make,needles", [
@@ -198,7 +190,7 @@ def test_unreadable_image_is_named(checkpoint, val_folder, tmp_path, capsys):
 def test_empty_folder_or_missing_file_is_named(checkpoint, tmp_path, capsys, make, needles):
     path = make(tmp_path / "input")
     code, _, err = _run(["--checkpoint", str(checkpoint), str(path), "--device", "cpu"], capsys)
-    _one_line_error(code, err, str(path), *needles)
+    assert_one_line_error(code, err, str(path), *needles)
 
 
 def _other_architecture(state):
@@ -219,7 +211,7 @@ def test_checkpoint_of_another_architecture_is_named(checkpoint, val_folder, tmp
     other = tmp_path / "other.pth"
     torch.save(change(torch.load(checkpoint, weights_only=True)), other)
     code, _, err = _run(["--checkpoint", str(other), str(val_folder), "--device", "cpu"], capsys)
-    _one_line_error(code, err, str(other), *needles)
+    assert_one_line_error(code, err, str(other), *needles)
 
 
 def test_detr_checkpoint_with_namespace_args_is_rebuilt_from_its_weights(trained, val_folder, tmp_path, capsys):
@@ -251,7 +243,7 @@ def test_show_poll_on_a_detr_checkpoint_is_named(trained, val_folder, tmp_path, 
     torch.save({"model": build_model(args)[0].state_dict(), "args": plain_args(args)}, detr)
     code, _, err = _run(["--checkpoint", str(detr), str(val_folder), "--device", "cpu", "--show_poll",
                          "--draw", str(tmp_path / "pictures")], capsys)
-    _one_line_error(code, err, str(detr), "--show_poll")
+    assert_one_line_error(code, err, str(detr), "--show_poll")
 
 
 @pytest.mark.parametrize("extra,needles", [
@@ -261,7 +253,7 @@ def test_show_poll_on_a_detr_checkpoint_is_named(trained, val_folder, tmp_path, 
 ])
 def test_bad_flags_end_in_one_line(checkpoint, val_folder, capsys, extra, needles):
     code, _, err = _run(["--checkpoint", str(checkpoint), str(val_folder), "--device", "cpu"] + extra, capsys)
-    _one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
 
 
 def test_two_images_of_one_name_drawn_to_one_file_are_named(checkpoint, val_folder, tmp_path, capsys):
@@ -271,4 +263,4 @@ def test_two_images_of_one_name_drawn_to_one_file_are_named(checkpoint, val_fold
     shutil.copy(image, twin)
     code, _, err = _run(["--checkpoint", str(checkpoint), str(image), str(twin), "--device", "cpu",
                          "--draw", str(tmp_path / "pictures")], capsys)
-    _one_line_error(code, err, "--draw", str(image), str(twin))
+    assert_one_line_error(code, err, "--draw", str(image), str(twin))

@@ -4,7 +4,7 @@ import torch
 from util.misc import nested_tensor_from_tensor_list
 import pretrain_backbone as P
 from models.backbone import Backbone, load_backbone_weights
-from tests.conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, assert_one_line_error
 
 
 def _target(boxes_xyxy, labels, size=(32, 32)):
@@ -78,9 +78,8 @@ def test_bad_steps_is_one_line(tmp_path, synthetic_root, capsys):
 
 
 def test_missing_dataset_is_one_line(tmp_path, capsys):
-    assert P.run(["--out", str(tmp_path / "b.pth"), "--coco_path", str(tmp_path / "nowhere")] + TINY_FLAGS) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "nowhere" in err[0]
+    code = P.run(["--out", str(tmp_path / "b.pth"), "--coco_path", str(tmp_path / "nowhere")] + TINY_FLAGS)
+    assert_one_line_error(code, capsys.readouterr().err, "nowhere")
 
 
 def test_training_flags_are_checked_as_by_main(tmp_path, synthetic_root, capsys):
