@@ -30,7 +30,7 @@ from models.backbone import load_backbone_weights
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
-from util.errors import UserError, error_line
+from util.errors import UserError, exit_status
 from util.flops import CONVENTION, mean_flops
 from util.plot_utils import log_scalars, plot_tradeoff
 
@@ -442,14 +442,10 @@ def main(args: argparse.Namespace) -> None:
 def run(argv: Optional[list[str]] = None) -> int:
     """Entry point: bad input ends in one line on stderr and exit status 2."""
     try:
-        main(parse_args(argv))
-    except UserError as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
+        return exit_status(lambda: main(parse_args(argv)))
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

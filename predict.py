@@ -23,7 +23,7 @@ from models.detr import ImageFeatures
 from models.pnp import SampledTokens
 from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
 from util.draw import PollGrid, draw_detections, draw_poll, side_by_side
-from util.errors import UserError, error_line
+from util.errors import UserError, exit_status
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -268,12 +268,7 @@ def report_json(header: dict[str, Any], entries: list[dict[str, Any]]) -> str:
 
 def run(argv: Optional[list[str]] = None) -> int:
     """Entry point: bad input ends in one line on stderr and exit status 2."""
-    try:
-        main(get_args_parser().parse_args(argv))
-    except UserError as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: main(get_args_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

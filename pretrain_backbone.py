@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from datasets import build_dataset
 from main import check_args, parse_args as training_args, seed_everything
 from models.backbone import Backbone
-from util.errors import UserError, error_line
+from util.errors import UserError, exit_status
 from util.misc import NestedTensor, collate_fn, save_on_master
 
 IGNORE = -100  # cross_entropy's ignore_index: padded cells
@@ -135,13 +135,11 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
 
 def run(argv: Optional[list[str]] = None) -> int:
     """Entry point: bad input ends in one line on stderr and exit status 2."""
-    try:
+    def command() -> None:
         args, rest = get_args_parser().parse_known_args(argv)
         pretrain(args, training_args(rest))
-    except UserError as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":

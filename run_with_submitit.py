@@ -21,7 +21,7 @@ import torch
 from submitit.core.utils import FailedJobError
 
 import main
-from util.errors import UserError
+from util.errors import UserError, exit_status
 
 SIGNAL_DELAY_S = 120  # Slurm signals the job this long before its time limit
 MAX_REQUEUES_ON_TIMEOUT = 30
@@ -168,14 +168,12 @@ def submit(argv: Optional[list[str]] = None) -> tuple[submitit.Job, Trainer]:
 def run(argv: Optional[list[str]] = None) -> int:
     """Entry point: prints the job id and where its logs and outputs go; bad input ends in one
     line on stderr and exit status 2."""
-    try:
+    def command() -> None:
         job, trainer = submit(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"submitted job {job.job_id}; rank 0 logs to {job.paths.stdout}")
-    print(f"output_dir: {trainer.output_dir.replace('%j', job.job_id)}")
-    return 0
+        print(f"submitted job {job.job_id}; rank 0 logs to {job.paths.stdout}")
+        print(f"output_dir: {trainer.output_dir.replace('%j', job.job_id)}")
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from matplotlib.ticker import MaxNLocator
 
 from datasets.coco_eval import STAT_NAMES
-from util.errors import UserError
+from util.errors import UserError, exit_status
 
 AP_KEY = re.compile(r"test_(?:ratio_(?P<ratio>[^_]+)_)?AP")
 
@@ -133,15 +133,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="PNG to write (default: curves.png beside the log)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.log).with_name("curves.png")
-    try:
+
+    def command() -> None:
         entries = read_log(args.log)
         out.parent.mkdir(parents=True, exist_ok=True)
         plot_training_curves(entries, out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+        print(out)
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":
