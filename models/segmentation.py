@@ -5,7 +5,8 @@
 - ``bbox_attention``: each decoder output's multi-head attention map over the encoder memory
   laid out on the ``H x W`` feature grid;
 - ``mask_head``: a small FPN-style convolution stack that turns those maps, the projected
-  features and the backbone's stages 3, 2, 1 into one mask logit map per query (stride 4);
+  features and the backbone's stages 3, 2, 1 (2, 1 for a backbone ending at stage 2) into one
+  mask logit map per query (stride 4);
 - with the PnP sampler, ``grid_memory``: the encoder memory of the ``N + M`` sampled tokens put
   back on the grid (``GridMemory``, keys ``grid_memory.unpool_proj.{weight,bias}``).
 
@@ -112,12 +113,15 @@ def _expand(x: Tensor, num_queries: int) -> Tensor:
 
 
 class MaskHeadSmallConv(nn.Module):
-    """DETR's FPN-style mask head: 5 conv + GroupNorm + ReLU layers, 3 FPN adapters.
+    """DETR's FPN-style mask head: 5 conv + GroupNorm + ReLU layers, up to 3 FPN adapters.
 
     Widths: ``dim`` (= d + heads), then ``context_dim / 2, / 4, / 8, / 16``, then 1 logit.
     ``forward(x (B, d, H, W), bbox_mask (B, Q, heads, H, W), fpns)`` with ``fpns`` the
-    backbone stages at strides ``s/2, s/4, s/8`` or finer (``fpn_dims`` channels), returns
-    ``(B, Q, H_1, W_1)`` mask logits at the resolution of the last FPN level.
+    backbone stages, coarse to fine, at strides no coarser than ``x``'s (``fpn_dims``
+    channels, one adapter each: ``adapter1`` before ``lay3``, ``adapter2`` before ``lay4``,
+    ``adapter3`` before ``lay5``); returns ``(B, Q, H_1, W_1)`` mask logits at the resolution of
+    the last FPN level. DETR's head has three levels (stages 3, 2, 1); with two (a backbone
+    ending at stage 2) ``lay5`` runs on the finest level without an adapter.
     """
 
     def __init__(self, dim: int, fpn_dims: list[int], context_dim: int):
@@ -134,9 +138,11 @@ class MaskHeadSmallConv(nn.Module):
         self.lay5 = nn.Conv2d(widths[3], widths[4], 3, padding=1)
         self.gn5 = _group_norm(widths[4])
         self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
-        self.adapter1 = nn.Conv2d(fpn_dims[0], widths[1], 1)
-        self.adapter2 = nn.Conv2d(fpn_dims[1], widths[2], 1)
-        self.adapter3 = nn.Conv2d(fpn_dims[2], widths[3], 1)
+        if not 1 <= len(fpn_dims) <= 3:
+            raise ValueError(f"the mask head takes 1 to 3 FPN levels, got {len(fpn_dims)}")
+        for level, channels in enumerate(fpn_dims, start=1):
+            setattr(self, f"adapter{level}", nn.Conv2d(channels, widths[level], 1))
+        self.num_levels = len(fpn_dims)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_uniform_(module.weight, a=1)
@@ -147,11 +153,13 @@ class MaskHeadSmallConv(nn.Module):
         x = torch.cat([_expand(x, num_queries), bbox_mask.flatten(0, 1)], dim=1)
         x = F.relu(self.gn1(self.lay1(x)))
         x = F.relu(self.gn2(self.lay2(x)))
-        stages = [(self.adapter1, self.lay3, self.gn3), (self.adapter2, self.lay4, self.gn4),
-                  (self.adapter3, self.lay5, self.gn5)]
-        for (adapter, layer, norm), fpn in zip(stages, fpns):
-            fpn = _expand(adapter(fpn), num_queries)
-            x = fpn + F.interpolate(x, size=fpn.shape[-2:], mode="nearest")
+        if len(fpns) != self.num_levels:
+            raise ValueError(f"the mask head was built for {self.num_levels} FPN levels, got {len(fpns)}")
+        for level, (layer, norm) in enumerate([(self.lay3, self.gn3), (self.lay4, self.gn4),
+                                               (self.lay5, self.gn5)], start=1):
+            if level <= self.num_levels:
+                fpn = _expand(getattr(self, f"adapter{level}")(fpns[level - 1]), num_queries)
+                x = fpn + F.interpolate(x, size=fpn.shape[-2:], mode="nearest")
             x = F.relu(norm(layer(x)))
         return self.out_lay(x).view(batch, num_queries, *x.shape[-2:])
 
@@ -159,8 +167,8 @@ class MaskHeadSmallConv(nn.Module):
 class DETRsegm(nn.Module):
     """A detector plus ``bbox_attention`` and ``mask_head``: adds ``pred_masks (B, Q, H/4, W/4)``.
 
-    The mask head reads backbone stages 3, 2, 1 (C4, C3, C2), so the backbone must return its
-    intermediate stages (built with ``--masks``) and end at stage 3 or 4. ``freeze_detr``
+    The mask head reads backbone stages 3, 2, 1 (C4, C3, C2), or 2, 1 when the backbone ends
+    at stage 2, so the backbone must return its intermediate stages (built with ``--masks``). ``freeze_detr``
     stops every detector gradient and keeps the detector in eval mode (BatchNorm statistics,
     dropout) whatever ``train()`` is asked.
     """
@@ -173,10 +181,10 @@ class DETRsegm(nn.Module):
             detr.requires_grad_(False)
         hidden_dim, num_heads = detr.transformer.d_model, detr.transformer.nhead
         stage_channels = detr.backbone[0].stage_channels
-        if len(stage_channels) < 3:
-            raise UserError("--masks: the mask head reads backbone stages 1-3; use --backbone_last_stage 3 or 4")
+        self.fpn_stages = list(range(min(len(stage_channels), 3), 0, -1))    # 3, 2, 1 or 2, 1
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, num_heads, dropout=0.0)
-        self.mask_head = MaskHeadSmallConv(hidden_dim + num_heads, list(stage_channels[2::-1]), hidden_dim)
+        self.mask_head = MaskHeadSmallConv(hidden_dim + num_heads,
+                                           [stage_channels[stage - 1] for stage in self.fpn_stages], hidden_dim)
         sampler = detr.transformer.sampler
         self.grid_memory = GridMemory(hidden_dim, sampler.num_coarse) if sampler is not None else None
 
@@ -215,7 +223,7 @@ class DETRsegm(nn.Module):
         out = detr.detection_outputs(hs, sampled)
         grid = self.memory_grid(memory, sampled, features)
         bbox_mask = self.bbox_attention(hs[-1], grid, features.mask)
-        fpns = [features.stages[i].tensors for i in (2, 1, 0)]
+        fpns = [features.stages[stage - 1].tensors for stage in self.fpn_stages]
         out["pred_masks"] = self.mask_head(features.src, bbox_mask, fpns)
         return out
 

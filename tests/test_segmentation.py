@@ -150,9 +150,24 @@ def test_forward_adds_stride_4_masks(extra):
     assert torch.isfinite(out["pred_masks"]).all()
 
 
-def test_masks_need_backbone_stages_1_to_3():
-    with pytest.raises(UserError, match="--backbone_last_stage"):
-        build(tiny_args("--backbone_last_stage", "2"))
+def test_backbone_ending_at_stage_2_gives_a_two_level_mask_head():
+    torch.manual_seed(0)
+    model = build(tiny_args("--backbone_last_stage", "2"))[0].eval()
+    head_keys = {k for k in model.state_dict() if k.startswith("mask_head.adapter")}
+    assert head_keys == {f"mask_head.adapter{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert model.mask_head.adapter1.in_channels == 128 and model.mask_head.adapter2.in_channels == 64
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 48), torch.rand(3, 50, 64)], 0.5)
+    assert out["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)             # stride 4 still
+    assert torch.isfinite(out["pred_masks"]).all()
+
+
+def test_mask_head_checks_the_number_of_fpn_levels():
+    model = build(tiny_args())[0]
+    features = torch.rand(1, 32, 2, 2)
+    bbox_mask = torch.rand(1, NUM_QUERIES, 4, 2, 2)
+    with pytest.raises(ValueError, match="3 FPN levels, got 2"):
+        model.mask_head(features, bbox_mask, [torch.rand(1, 128, 4, 4), torch.rand(1, 64, 8, 8)])
 
 
 def test_frozen_detector_gets_no_gradient_and_stays_in_eval_mode(tmp_path):
