@@ -28,7 +28,7 @@ from util.checkpoint import load_model_weights, read_checkpoint
 from util.errors import UserError
 
 from .detr import DETR, ImageFeatures, SetCriterion, build as build_detector
-from .pnp import SampledTokens
+from .pnp import PollAndPoolSampler, SampledTokens
 
 MASK_STRIDE = 4  # the mask head's output is at the resolution of backbone stage 1
 
@@ -41,6 +41,8 @@ class GridMemory(nn.Module):
     with ``w[p] = softmax_m(unpool_proj(LN(x_p)))``: a second learned projection ``C -> M``
     (the pool's ``k_proj`` is the first) of the position's own feature, normalised as the
     sampler normalises it (LayerNorm without affine parameters). Padded positions get zeros.
+    In the two-stage recipe ``unpool_proj`` starts from the sampler's ``k_proj``
+    (``start_from_pool``), so a position first goes back to the coarse tokens that pooled it.
     """
 
     def __init__(self, dim: int, num_coarse: int):
@@ -66,6 +68,15 @@ class GridMemory(nn.Module):
         grid = grid.scatter(1, index, memory[:, :num_fine].to(grid.dtype))[:, :length]
         grid = grid.masked_fill(mask.flatten(1)[..., None], 0.0)
         return grid.transpose(1, 2).reshape(batch, dim, height, width)
+
+    def start_from_pool(self, sampler: PollAndPoolSampler) -> None:
+        """Copy the sampler's one-layer ``k_proj`` into ``unpool_proj``: each position then starts
+        out assigned to the coarse tokens whose pool scores it highest (a two-layer ``k_proj``
+        cannot be copied; ``unpool_proj`` keeps its own initialisation)."""
+        if isinstance(sampler.k_proj, nn.Linear):
+            with torch.no_grad():
+                self.unpool_proj.weight.copy_(sampler.k_proj.weight)
+                self.unpool_proj.bias.copy_(sampler.k_proj.bias)
 
 
 class MHAttentionMap(nn.Module):
@@ -373,6 +384,8 @@ def load_frozen_detector(model: DETRsegm, path: str) -> None:
     if notes:
         raise UserError(f"--frozen_weights: {notes[0]}; a frozen detector must be complete "
                         "(train it with the same --num_classes and --no_pnp)")
+    if model.grid_memory is not None:
+        model.grid_memory.start_from_pool(model.detr.transformer.sampler)
 
 
 def build(args: Any) -> tuple[DETRsegm, SegmentationCriterion, dict[str, nn.Module]]:

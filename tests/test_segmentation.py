@@ -186,6 +186,19 @@ def test_frozen_detector_gets_no_gradient_and_stays_in_eval_mode(tmp_path):
     assert not model.detr.training and not model.detr.backbone.training and model.mask_head.training
 
 
+def test_frozen_detector_starts_unpool_proj_from_the_pools_k_proj(tmp_path):
+    torch.manual_seed(0)
+    detector = build_detector(tiny_args())[0]
+    path = tmp_path / "detector.pth"
+    torch.save({"model": detector.state_dict()}, path)
+    model = build(tiny_args("--frozen_weights", str(path)))[0]
+    assert not torch.equal(model.grid_memory.unpool_proj.weight, detector.transformer.sampler.k_proj.weight)
+    load_frozen_detector(model, str(path))
+    assert torch.equal(model.grid_memory.unpool_proj.weight, detector.transformer.sampler.k_proj.weight)
+    assert torch.equal(model.grid_memory.unpool_proj.bias, detector.transformer.sampler.k_proj.bias)
+    assert model.grid_memory.unpool_proj.weight.requires_grad                # still a parameter of its own
+
+
 def test_frozen_detector_must_be_complete(tmp_path):
     torch.manual_seed(0)
     plain = build_detector(tiny_args("--no_pnp"))[0]
