@@ -18,7 +18,8 @@ from .pnp import PollAndPoolSampler, SampledTokens
 class MultiheadAttention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter names.
 
-    Computed with ``scaled_dot_product_attention``: no attention matrix is kept.
+    Computed with ``scaled_dot_product_attention``: no attention matrix is kept. When ``query is
+    key`` (self-attention with the position added once) one product gives both q and k.
     query ``(B, Lq, C)``, key/value ``(B, Lk, C)``, key_padding_mask ``(B, Lk)`` True = ignore.
     """
 
@@ -39,7 +40,12 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        if query is key:  # self-attention: one product gives q and k
+            q, k = F.linear(query, self.in_proj_weight[:2 * self.embed_dim],
+                            self.in_proj_bias[:2 * self.embed_dim]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+        v = F.linear(value, w_v, b_v)
         batch, len_q, dim = q.shape
         heads = self.num_heads
 

@@ -70,6 +70,20 @@ def test_mha_equals_torch_mha(with_mask):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_mha_self_attention_equals_torch_mha(with_mask):
+    # query is key: q and k come from one product of the stacked weights
+    torch.manual_seed(0)
+    ours = _randomize(MultiheadAttention(D, HEADS)).eval()
+    theirs = _torch_mha(ours)
+    x, value = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]) if with_mask else None
+    with torch.no_grad():
+        out = ours(x, x, value, key_padding_mask=mask)
+        ref = theirs(x, x, value, key_padding_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+
+
 def test_mha_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="divisible"):
         MultiheadAttention(10, 4)
