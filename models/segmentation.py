@@ -179,9 +179,9 @@ class DETRsegm(nn.Module):
     """A detector plus ``bbox_attention`` and ``mask_head``: adds ``pred_masks (B, Q, H/4, W/4)``.
 
     The mask head reads backbone stages 3, 2, 1 (C4, C3, C2), or 2, 1 when the backbone ends
-    at stage 2, so the backbone must return its intermediate stages (built with ``--masks``). ``freeze_detr``
-    stops every detector gradient and keeps the detector in eval mode (BatchNorm statistics,
-    dropout) whatever ``train()`` is asked.
+    at stage 2, so the backbone must return its intermediate stages (built with ``--masks``).
+    ``freeze_detr`` stops every detector gradient and keeps the detector in eval mode
+    (BatchNorm statistics, dropout) whatever ``train()`` is asked.
     """
 
     def __init__(self, detr: DETR, freeze_detr: bool = False):
