@@ -40,8 +40,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path,
     ax.set_xlabel("GFLOPs per image (multiply-adds)")
     ax.set_ylabel("box AP (%)")
     ax.set_title("Accuracy against compute")
+    ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
