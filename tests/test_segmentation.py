@@ -170,11 +170,17 @@ def test_mask_head_checks_the_number_of_fpn_levels():
         model.mask_head(features, bbox_mask, [torch.rand(1, 128, 4, 4), torch.rand(1, 64, 8, 8)])
 
 
-def test_frozen_detector_gets_no_gradient_and_stays_in_eval_mode(tmp_path):
+def _saved_detector(tmp_path, *extra: str):
+    """A tiny detector and the path of a checkpoint holding it."""
     torch.manual_seed(0)
-    detector = build_detector(tiny_args())[0]
+    detector = build_detector(tiny_args(*extra))[0]
     path = tmp_path / "detector.pth"
     torch.save({"model": detector.state_dict()}, path)
+    return detector, path
+
+
+def test_frozen_detector_gets_no_gradient_and_stays_in_eval_mode(tmp_path):
+    detector, path = _saved_detector(tmp_path)
     model = build(tiny_args("--frozen_weights", str(path)))[0]
     load_frozen_detector(model, str(path))
     for key, value in detector.state_dict().items():
@@ -187,10 +193,7 @@ def test_frozen_detector_gets_no_gradient_and_stays_in_eval_mode(tmp_path):
 
 
 def test_frozen_detector_starts_unpool_proj_from_the_pools_k_proj(tmp_path):
-    torch.manual_seed(0)
-    detector = build_detector(tiny_args())[0]
-    path = tmp_path / "detector.pth"
-    torch.save({"model": detector.state_dict()}, path)
+    detector, path = _saved_detector(tmp_path)
     model = build(tiny_args("--frozen_weights", str(path)))[0]
     assert not torch.equal(model.grid_memory.unpool_proj.weight, detector.transformer.sampler.k_proj.weight)
     load_frozen_detector(model, str(path))
@@ -200,10 +203,7 @@ def test_frozen_detector_starts_unpool_proj_from_the_pools_k_proj(tmp_path):
 
 
 def test_frozen_detector_must_be_complete(tmp_path):
-    torch.manual_seed(0)
-    plain = build_detector(tiny_args("--no_pnp"))[0]
-    path = tmp_path / "detr.pth"
-    torch.save({"model": plain.state_dict()}, path)
+    _, path = _saved_detector(tmp_path, "--no_pnp")
     model = build(tiny_args("--frozen_weights", str(path)))[0]
     with pytest.raises(UserError, match="--frozen_weights.*sampler"):
         load_frozen_detector(model, str(path))
