@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.ops import clip_boxes_to_image
 
 from datasets.coco import box_target, read_image, read_json_object
 from datasets.coco_eval import to_coco_results
@@ -27,7 +28,7 @@ from util.errors import UserError, exit_status
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-BOX_FORMAT = "bbox is [x, y, width, height] in pixels of the original image (COCO)"
+BOX_FORMAT = "bbox is [x, y, width, height] in pixels of the original image (COCO), clipped to the image"
 CATEGORY_FILES = ("annotations/instances_val2017.json", "annotations/instances_train2017.json")
 PANOPTIC_CATEGORY_FILES = ("annotations/panoptic_val2017.json", "annotations/panoptic_train2017.json")
 
@@ -196,7 +197,8 @@ def predict(model: nn.Module, postprocess: nn.Module, paths: list[Path], eval_si
             device: torch.device, batch_size: int, with_poll: bool
             ) -> Iterator[tuple[Path, Image.Image, dict[str, torch.Tensor], Optional[PollGrid]]]:
     """Per image, in order: its path, the RGB image, the post-processed ``scores``, ``labels`` and
-    ``boxes`` (xyxy, original pixels) of every query, and (``with_poll``) its ``PollGrid``."""
+    ``boxes`` (xyxy, original pixels, clipped to the image) of every query, and (``with_poll``) its
+    ``PollGrid``."""
     transform = make_coco_transforms("val", eval_size)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
@@ -212,6 +214,7 @@ def predict(model: nn.Module, postprocess: nn.Module, paths: list[Path], eval_si
         results = postprocess(outputs, torch.tensor([orig for _, orig in sizes], device=device))
         grids = poll_grids(outputs["sampled"], features, samples, sizes) if with_poll else [None] * len(chunk)
         for path, image, result, grid in zip(chunk, images, results, grids):
+            result["boxes"] = clip_boxes_to_image(result["boxes"], (image.height, image.width))
             yield path, image, {k: v.cpu() for k, v in result.items()}, grid
 
 

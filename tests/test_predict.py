@@ -90,6 +90,25 @@ def test_json_holds_the_models_post_processed_detections_above_the_threshold(che
     assert 0 < kept < len(scores)
 
 
+def test_boxes_are_clipped_to_the_image(checkpoint, val_folder):
+    model, postprocess, trained = predict.load_model(str(checkpoint), torch.device("cpu"))
+
+    def outgrown(outputs, sizes):  # every box 1000 px past each side of its image
+        results = postprocess(outputs, sizes)
+        for result in results:
+            result["boxes"] = result["boxes"] + torch.tensor([-1000.0, -1000.0, 1000.0, 1000.0])
+        return results
+
+    paths = predict.list_images([str(val_folder)])[:BATCH + 1]
+    seen = 0
+    for _, image, result, _ in predict.predict(model, outgrown, paths, trained.eval_size, RATIO,
+                                               torch.device("cpu"), BATCH, with_poll=False):
+        whole = torch.tensor([0.0, 0.0, image.width, image.height])
+        assert torch.equal(result["boxes"], whole.expand_as(result["boxes"]))
+        seen += 1
+    assert seen == len(paths)
+
+
 def test_json_goes_to_stdout_without_output(checkpoint, val_folder, capsys):
     image = sorted(val_folder.iterdir())[0]
     code, out, _ = _run(["--checkpoint", str(checkpoint), str(image), "--device", "cpu"], capsys)
