@@ -200,16 +200,18 @@ class Transformer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
 
+    def encoder_inputs(self, src: Tensor, mask: Tensor, pos_embed: Tensor, sample_ratio: Optional[float] = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Optional[SampledTokens]]:
+        """The encoder's ``tokens``, their ``pos`` (both ``(B, T, C)``) and ``key_padding_mask``
+        ``(B, T)``: the sampler's ``N + M`` tokens (also returned), or every position."""
+        if self.sampler is None:
+            return src.flatten(2).transpose(1, 2), pos_embed.flatten(2).transpose(1, 2), mask.flatten(1), None
+        sampled = self.sampler(src, mask, pos_embed, sample_ratio)
+        return sampled.tokens, sampled.pos, sampled.key_padding_mask, sampled
+
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 sample_ratio: Optional[float] = None) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
-        sampled = None
-        if self.sampler is not None:
-            sampled = self.sampler(src, mask, pos_embed, sample_ratio)
-            tokens, pos, key_padding_mask = sampled.tokens, sampled.pos, sampled.key_padding_mask
-        else:
-            tokens = src.flatten(2).transpose(1, 2)
-            pos = pos_embed.flatten(2).transpose(1, 2)
-            key_padding_mask = mask.flatten(1)
+        tokens, pos, key_padding_mask, sampled = self.encoder_inputs(src, mask, pos_embed, sample_ratio)
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
         memory = self.encoder(tokens, key_padding_mask, pos)
         hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos, query_pos)

@@ -29,6 +29,7 @@ def test_tiny_benchmark_writes_every_figure_and_check(tmp_path, capsys):
         assert row["variant"] == "R18" and row["dtype"] == "fp32"
         assert 0 < row["gflops_transformer"] < row["gflops"]
         assert row["latency"]["median"] > 0 and row["transformer_latency"]["median"] > 0
+        assert 0 < row["encoder_latency"]["median"] and 0 < row["decoder_latency"]["median"]
         assert row["train_step"]["runs"] == 1 and row["train_peak_mb"] > 0
     assert rows[0]["gflops_sampler"] == 0 < rows[1]["gflops_sampler"]
     assert rows[1]["gflops_transformer"] < rows[2]["gflops_transformer"]

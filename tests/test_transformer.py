@@ -258,6 +258,20 @@ def test_transformer_with_sampler_encodes_fine_plus_coarse_tokens():
     assert sampled.tokens.shape == (2, 9, D)
 
 
+def test_encoder_inputs_are_every_position_or_the_samplers_tokens():
+    src, mask, _, pos = _inputs()
+    tokens, token_pos, padding, sampled = _transformer().encoder_inputs(src, mask, pos)
+    assert sampled is None
+    torch.testing.assert_close(tokens[1, 4], src[1, :, 1, 0])            # position (y=1, x=0), row-major
+    torch.testing.assert_close(token_pos[1, 4], pos[1, :, 1, 0])
+    assert torch.equal(padding, mask.flatten(1))
+    torch.manual_seed(0)
+    model = _transformer(sampler=PollAndPoolSampler(D, num_coarse=3))
+    with torch.no_grad():
+        tokens, token_pos, padding, sampled = model.encoder_inputs(src, mask, pos, 0.5)
+    assert tokens is sampled.tokens and token_pos is sampled.pos and padding is sampled.key_padding_mask
+
+
 def test_padded_positions_do_not_influence_output():
     model = _transformer()
     src, mask, query, pos = _inputs()

@@ -12,8 +12,8 @@ measured on one random image (batch 1) per poll ratio:
 - ``flops``: whole-model, transformer (sampler + encoder + decoder) and sampler GFLOPs,
   one multiply-add = one FLOP;
 - ``latency``: inference time of the whole model, of the transformer alone (on the backbone
-  features) and of the sampler alone: median, fastest and slowest of ``--repeats`` runs
-  after ``--warmup`` runs;
+  features), of its encoder and its decoder alone, and of the sampler alone: median, fastest
+  and slowest of ``--repeats`` runs after ``--warmup`` runs;
 - ``eval``: one evaluation step at the ``--eval_ratios`` (backbone once, then one pass per
   ratio) against the same step at the first of them only;
 - ``train``: one training step (forward, loss, backward, gradient clipping, AdamW) on a
@@ -195,19 +195,27 @@ def build_pair(variant: str, model_flags: list[str], device: torch.device, seed:
 
 def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: str,
                     device: torch.device) -> dict[str, Callable[[], Any]]:
-    """Whole model, transformer alone and (PnP) sampler alone on one image."""
+    """Whole model, transformer alone, its encoder and decoder alone, and (PnP) the sampler alone,
+    on one image."""
     def run(fn: Callable[[], Any]) -> Callable[[], Any]:
         def wrapped() -> Any:
             with torch.no_grad(), autocast(device, dtype):
                 return fn()
         return wrapped
 
+    transformer = model.transformer
     features = run(lambda: model.extract_features(image))()
     src, mask, pos = features.src, features.mask, features.pos
+    tokens, token_pos, padding, _ = run(lambda: transformer.encoder_inputs(src, mask, pos, ratio))()
+    memory = run(lambda: transformer.encoder(tokens, padding, token_pos))()
+    query_pos = model.query_embed.weight[None].expand(image.shape[0], -1, -1)
     calls = {"latency": lambda: model.predict(model.extract_features(image), ratio),
-             "transformer_latency": lambda: model.transformer(src, mask, model.query_embed.weight, pos, ratio)}
+             "transformer_latency": lambda: transformer(src, mask, model.query_embed.weight, pos, ratio),
+             "encoder_latency": lambda: transformer.encoder(tokens, padding, token_pos),
+             "decoder_latency": lambda: transformer.decoder(torch.zeros_like(query_pos), memory, padding, token_pos,
+                                                            query_pos)}
     if model.uses_pnp:
-        calls["sampler_latency"] = lambda: model.transformer.sampler(src, mask, pos, ratio)
+        calls["sampler_latency"] = lambda: transformer.sampler(src, mask, pos, ratio)
     return {name: run(fn) for name, fn in calls.items()}
 
 
@@ -268,6 +276,7 @@ def training_step(model: DETR, criterion: torch.nn.Module, optimizer: torch.opti
 # ----------------------------------------------------------------------------- report
 COLUMNS = [("gflops", "GFLOPs", "{:.2f}"), ("gflops_transformer", "transformer GFLOPs", "{:.2f}"),
            ("latency", "latency ms", "{}"), ("transformer_latency", "transformer ms", "{}"),
+           ("encoder_latency", "encoder ms", "{}"), ("decoder_latency", "decoder ms", "{}"),
            ("sampler_latency", "sampler ms", "{}"), ("train_step", "train step ms", "{}"),
            ("train_peak_mb", "train peak MB", "{:.0f}")]
 
