@@ -12,8 +12,9 @@ measured on one random image (batch 1) per poll ratio:
 - ``flops``: whole-model, transformer (sampler + encoder + decoder) and sampler GFLOPs,
   one multiply-add = one FLOP;
 - ``latency``: inference time of the whole model, of the transformer alone (on the backbone
-  features), of its encoder and its decoder alone, and of the sampler alone: median, fastest
-  and slowest of ``--repeats`` runs after ``--warmup`` runs;
+  features), of its encoder and its decoder alone, and of the sampler alone (these three run
+  eager even with ``--compile``, which compiles the whole transformer): median, fastest and
+  slowest of ``--repeats`` runs after ``--warmup`` runs;
 - ``eval``: one evaluation step at the ``--eval_ratios`` (backbone once, then one pass per
   ratio) against the same step at the first of them only;
 - ``train``: one training step (forward, loss, backward, gradient clipping, AdamW) on a
