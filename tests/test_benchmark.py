@@ -3,7 +3,9 @@ import json
 import os
 import sys
 
+import pytest
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
@@ -65,3 +67,20 @@ def test_tensor_memory_counts_new_storages_until_freed():
     assert memory.peak == 8000
     assert memory.live == 2000
     assert view.shape == (10,) and a[0] == 1
+
+
+@pytest.mark.slow
+def test_compile_also_compiles_the_encoder_decoder_and_sampler_columns():
+    _, _, (pnp, _) = benchmark.build_pair("r50", TINY_MODEL, torch.device("cpu"), 0)
+    pnp.eval()
+    image = torch.rand(1, 3, 64, 96)
+    eager = benchmark.inference_calls(pnp, image, 0.5, "fp32", torch.device("cpu"))
+    compiled = benchmark.inference_calls(pnp, image, 0.5, "fp32", torch.device("cpu"), compile_parts=True)
+    torch._dynamo.reset()
+    for part in ("encoder_latency", "decoder_latency", "sampler_latency"):
+        frames = counters["stats"]["unique_graphs"]
+        got, expected = compiled[part](), eager[part]()
+        assert counters["stats"]["unique_graphs"] > frames, part
+        expected = expected.tokens if part == "sampler_latency" else expected
+        got = got.tokens if part == "sampler_latency" else got
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

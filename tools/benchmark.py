@@ -12,9 +12,9 @@ measured on one random image (batch 1) per poll ratio:
 - ``flops``: whole-model, transformer (sampler + encoder + decoder) and sampler GFLOPs,
   one multiply-add = one FLOP;
 - ``latency``: inference time of the whole model, of the transformer alone (on the backbone
-  features), of its encoder and its decoder alone, and of the sampler alone (these three run
-  eager even with ``--compile``, which compiles the whole transformer): median, fastest and
-  slowest of ``--repeats`` runs after ``--warmup`` runs;
+  features), of its encoder and its decoder alone, and of the sampler alone (under
+  ``--compile`` each of these is compiled too, so every column compares compiled code):
+  median, fastest and slowest of ``--repeats`` runs after ``--warmup`` runs;
 - ``eval``: one evaluation step at the ``--eval_ratios`` (backbone once, then one pass per
   ratio) against the same step at the first of them only;
 - ``train``: one training step (forward, loss, backward, gradient clipping, AdamW) on a
@@ -195,9 +195,9 @@ def build_pair(variant: str, model_flags: list[str], device: torch.device, seed:
 
 
 def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: str,
-                    device: torch.device) -> dict[str, Callable[[], Any]]:
+                    device: torch.device, compile_parts: bool = False) -> dict[str, Callable[[], Any]]:
     """Whole model, transformer alone, its encoder and decoder alone, and (PnP) the sampler alone,
-    on one image."""
+    on one image; with ``compile_parts`` the last three run through ``torch.compile``."""
     def run(fn: Callable[[], Any]) -> Callable[[], Any]:
         def wrapped() -> Any:
             with torch.no_grad(), autocast(device, dtype):
@@ -210,13 +210,16 @@ def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: s
     tokens, token_pos, padding, _ = run(lambda: transformer.encoder_inputs(src, mask, pos, ratio))()
     memory = run(lambda: transformer.encoder(tokens, padding, token_pos))()
     query_pos = model.query_embed.weight[None].expand(image.shape[0], -1, -1)
+    encoder, decoder, sampler = transformer.encoder, transformer.decoder, transformer.sampler
+    if compile_parts:
+        encoder, decoder = torch.compile(encoder), torch.compile(decoder)
+        sampler = sampler and torch.compile(sampler)
     calls = {"latency": lambda: model.predict(model.extract_features(image), ratio),
              "transformer_latency": lambda: transformer(src, mask, model.query_embed.weight, pos, ratio),
-             "encoder_latency": lambda: transformer.encoder(tokens, padding, token_pos),
-             "decoder_latency": lambda: transformer.decoder(torch.zeros_like(query_pos), memory, padding, token_pos,
-                                                            query_pos)}
-    if model.uses_pnp:
-        calls["sampler_latency"] = lambda: transformer.sampler(src, mask, pos, ratio)
+             "encoder_latency": lambda: encoder(tokens, padding, token_pos),
+             "decoder_latency": lambda: decoder(torch.zeros_like(query_pos), memory, padding, token_pos, query_pos)}
+    if sampler is not None:
+        calls["sampler_latency"] = lambda: sampler(src, mask, pos, ratio)
     return {name: run(fn) for name, fn in calls.items()}
 
 
@@ -382,7 +385,8 @@ def benchmark_dtype(configs: list[Config], label: str, dtype: str, image: Tensor
     calls: dict[Hashable, Callable[[], Any]] = {}
     if "latency" in opts.parts:
         for i, c in enumerate(configs):
-            calls.update({(i, key): fn for key, fn in inference_calls(c.model, image, c.ratio, dtype, device).items()})
+            calls.update({(i, key): fn for key, fn
+                          in inference_calls(c.model, image, c.ratio, dtype, device, opts.compile).items()})
     pnp = configs[-1].model
     if "eval" in opts.parts:
         calls.update({("eval", key): fn for key, fn in eval_calls(pnp, image, opts.eval_ratios, dtype, device).items()})
