@@ -6,6 +6,7 @@
 """
 import argparse
 import datetime
+import functools
 import json
 import random
 import sys
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
+COMPILE_SIZE_DIVISIBILITY = 32  # the largest backbone stride
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -291,8 +293,11 @@ def tensorboard_writer(args: argparse.Namespace, output_dir: Optional[Path]) -> 
 
 
 def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple[Optional[DataLoader], DataLoader]:
+    # Compiled, batches are padded to a multiple of the largest backbone stride: fewer shapes to
+    # compile, and exact feature sizes (torch 2.14's compiled backward failed at odd ones).
+    collate_fn = functools.partial(utils.collate_fn, size_divisibility=COMPILE_SIZE_DIVISIBILITY if args.compile else 1)
     batches_val = ShardedBatchSampler(len(dataset_val), args.batch_size, utils.get_rank(), utils.get_world_size())
-    loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=utils.collate_fn,
+    loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=collate_fn,
                             num_workers=args.num_workers)
     if dataset_train is None:
         return None, loader_val
@@ -300,7 +305,7 @@ def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple
     batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset_train)} training images")
-    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=utils.collate_fn,
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
                               num_workers=args.num_workers)
     return loader_train, loader_val
 

@@ -50,8 +50,7 @@ def poll_counts(num_valid: Tensor, ratio: float) -> Tensor:
 
     (180 positions at r = 0.65 give 116, not 117.)
     """
-    product = num_valid.to(torch.float32) * torch.tensor(ratio, dtype=torch.float32, device=num_valid.device)
-    return product.to(torch.int64)
+    return (num_valid.to(torch.float32) * ratio).to(torch.int64)  # the float32 product: ratio is rounded to float32
 
 
 def check_ratio(ratio: float, name: str = "sample ratio") -> float:
@@ -136,7 +135,9 @@ class PollAndPoolSampler(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, pos: Tensor, ratio: Optional[float] = None) -> SampledTokens:
         """x, pos: ``(B, C, H, W)``; mask: ``(B, H, W)`` bool, True on padding; ratio in (0, 1]."""
-        ratio = check_ratio(self.default_ratio if ratio is None else ratio)
+        ratio = self.default_ratio if ratio is None else ratio
+        if not torch.compiler.is_compiling():  # compiled, a check on the value would recompile for every ratio
+            ratio = check_ratio(ratio)
         batch = x.shape[0]
         tokens = x.flatten(2).transpose(1, 2)                           # (B, L, C)
         scores = _pointwise(self.score_pred_net, tokens).sigmoid().flatten(1)  # (B, L)

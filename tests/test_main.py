@@ -8,6 +8,7 @@ import torch
 
 import main
 from conftest import TINY_FLAGS, assert_one_line_error
+from datasets import build_dataset
 from datasets.coco_eval import STAT_NAMES
 
 
@@ -227,3 +228,16 @@ def test_tensorboard_without_its_package_is_named_before_training(tmp_path, tiny
 def test_tensorboard_needs_an_output_dir(tiny_flags, capsys):
     code, _, err = _run(tiny_flags + ["--epochs", "1", "--tensorboard"], capsys)
     assert_one_line_error(code, err, "--tensorboard", "--output_dir")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_compile_pads_batches_to_a_multiple_of_32_pixels(tiny_flags, compiled):
+    args = main.parse_args(tiny_flags + (["--compile"] if compiled else []) + ["--eval_size", "50"])
+    args.distributed = False
+    loader_train, loader_val = main.build_loaders(args, build_dataset("train", args), build_dataset("val", args))
+    for loader in (loader_train, loader_val):
+        samples, _ = next(iter(loader))
+        height, width = samples.tensors.shape[-2:]
+        padded_to_32 = height % 32 == 0 and width % 32 == 0
+        assert padded_to_32 == compiled, (height, width)
+        assert samples.mask.shape[-2:] == (height, width)

@@ -34,6 +34,16 @@ def test_nested_tensor_mask_true_exactly_on_padding():
     assert torch.equal(nested.mask, (nested.tensors == 0).all(dim=1))
 
 
+def test_nested_tensor_pads_up_to_a_multiple_of_size_divisibility():
+    a, b = _images()
+    nested = nested_tensor_from_tensor_list([a, b], size_divisibility=4)
+    assert nested.tensors.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(nested.tensors[1, :, :6, :3], b)
+    assert torch.equal(nested.mask, (nested.tensors == 0).all(dim=1))
+    exact = nested_tensor_from_tensor_list([torch.rand(3, 8, 4)], size_divisibility=4)
+    assert exact.tensors.shape == (1, 3, 8, 4) and not exact.mask.any()
+
+
 def test_nested_tensor_same_size_images_have_no_padding():
     images = [torch.rand(3, 4, 4), torch.rand(3, 4, 4)]
     nested = nested_tensor_from_tensor_list(images)

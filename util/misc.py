@@ -38,16 +38,17 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: list[Tensor]) -> NestedTensor:
-    """Pad ``(C, H_i, W_i)`` images at the bottom/right into one ``NestedTensor``."""
+def nested_tensor_from_tensor_list(tensor_list: list[Tensor], size_divisibility: int = 1) -> NestedTensor:
+    """Pad ``(C, H_i, W_i)`` images at the bottom/right into one ``NestedTensor`` whose height
+    and width are the largest ones rounded up to a multiple of ``size_divisibility``."""
     if len(tensor_list) == 0:
         raise ValueError("nested_tensor_from_tensor_list needs at least one image")
     if any(t.dim() != 3 for t in tensor_list):
         raise ValueError("nested_tensor_from_tensor_list expects (C, H, W) tensors, got shapes "
                          f"{[tuple(t.shape) for t in tensor_list]}")
     channels = tensor_list[0].shape[0]
-    height = max(t.shape[1] for t in tensor_list)
-    width = max(t.shape[2] for t in tensor_list)
+    height = -(-max(t.shape[1] for t in tensor_list) // size_divisibility) * size_divisibility
+    width = -(-max(t.shape[2] for t in tensor_list) // size_divisibility) * size_divisibility
     first = tensor_list[0]
     tensor = first.new_zeros((len(tensor_list), channels, height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
@@ -71,9 +72,10 @@ def to_nested_tensor(samples: NestedTensor | Tensor | list[Tensor]) -> NestedTen
                     f"got {type(samples).__name__}")
 
 
-def collate_fn(batch: list[tuple[Tensor, dict]]) -> tuple[NestedTensor, tuple[dict, ...]]:
+def collate_fn(batch: list[tuple[Tensor, dict]], size_divisibility: int = 1
+               ) -> tuple[NestedTensor, tuple[dict, ...]]:
     images, targets = zip(*batch)
-    return nested_tensor_from_tensor_list(list(images)), targets
+    return nested_tensor_from_tensor_list(list(images), size_divisibility), targets
 
 
 # ----------------------------------------------------------------------------- distributed
