@@ -49,8 +49,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     weight_dict = criterion.weight_dict
     for step, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]",
                                                                batch_size_of=_batch_size)):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         ratio = rng.uniform(*ratio_bounds) if ratio_bounds is not None else None
         with _autocast(device, amp):
             outputs = model(samples, ratio)
@@ -115,8 +115,8 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
     num_batches = len(data_loader)
     batches = progress.log_every(data_loader, print_freq, "Test:", batch_size_of=_batch_size)
     for step, (samples, targets) in enumerate(batches):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         timed = step > 0 or num_batches == 1  # the first batch warms up (allocator, kernels, compilation)
         _synchronize(device)

@@ -18,7 +18,7 @@ from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
 
-__all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone", "load_backbone_weights"]
+__all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone", "load_backbone_weights", "unpadded_positions"]
 
 _STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -106,6 +106,21 @@ class Backbone(nn.Module):
                 mask = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
             out[key] = NestedTensor(x, mask)
         return out
+
+
+def unpadded_positions(image_sizes: list[tuple[int, int]], canvas: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """``(B,)`` int64 on the CPU: how many positions of a ``grid`` feature map are unpadded
+    for images of ``image_sizes`` padded to ``canvas`` pixels, as ``Backbone`` resizes the mask.
+
+    The same nearest-neighbour map that resizes the mask is applied to the row and column
+    indices on the host, so the count equals ``(~mask).sum()`` without reading the mask
+    (which, on a GPU, would wait for the device).
+    """
+    rows = F.interpolate(torch.arange(canvas[0], dtype=torch.float32)[None, None, :, None], size=(grid[0], 1)).flatten()
+    cols = F.interpolate(torch.arange(canvas[1], dtype=torch.float32)[None, None, None, :], size=(1, grid[1])).flatten()
+    heights = torch.tensor([height for height, _ in image_sizes], dtype=torch.float32)
+    widths = torch.tensor([width for _, width in image_sizes], dtype=torch.float32)
+    return (rows[None] < heights[:, None]).sum(1) * (cols[None] < widths[:, None]).sum(1)
 
 
 class Joiner(nn.Sequential):

@@ -10,7 +10,7 @@ from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from util.errors import UserError
 from util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized, to_nested_tensor
 
-from .backbone import Joiner, build_backbone
+from .backbone import Joiner, build_backbone, unpadded_positions
 from .matcher import HungarianMatcher, build_matcher
 from .pnp import SampledTokens
 from .transformer import Transformer, build_transformer
@@ -21,13 +21,16 @@ class ImageFeatures:
     """The part of the forward pass that does not depend on the poll ratio.
 
     src: ``(B, d, H, W)`` projected last-stage features; mask: ``(B, H, W)`` True on padding;
-    pos: ``(B, d, H, W)`` position encoding; stages: the backbone's returned stages.
+    pos: ``(B, d, H, W)`` position encoding; stages: the backbone's returned stages;
+    num_valid: ``(B,)`` int64 on the CPU, the unpadded positions of each image in ``src``, when
+    the input's image sizes are known (the sampler then sizes its tokens without reading ``mask``).
     """
 
     src: Tensor
     mask: Tensor
     pos: Tensor
     stages: list[NestedTensor]
+    num_valid: Optional[Tensor] = None
 
 
 class MLP(nn.Module):
@@ -77,13 +80,17 @@ class DETR(nn.Module):
         return self.transformer.sampler is not None
 
     def extract_features(self, samples: NestedTensor | Tensor | list[Tensor]) -> ImageFeatures:
-        stages, pos = self.backbone(to_nested_tensor(samples))
+        samples = to_nested_tensor(samples)
+        stages, pos = self.backbone(samples)
         src, mask = stages[-1].decompose()
-        return ImageFeatures(src=self.input_proj(src), mask=mask, pos=pos[-1], stages=stages)
+        num_valid = None
+        if samples.image_sizes is not None:
+            num_valid = unpadded_positions(samples.image_sizes, samples.tensors.shape[-2:], src.shape[-2:])
+        return ImageFeatures(src=self.input_proj(src), mask=mask, pos=pos[-1], stages=stages, num_valid=num_valid)
 
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
         hs, _, sampled = self.transformer(features.src, features.mask, self.query_embed.weight,
-                                          features.pos, sample_ratio)
+                                          features.pos, sample_ratio, features.num_valid)
         return self.detection_outputs(hs, sampled)
 
     def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens]) -> dict[str, Any]:
@@ -112,6 +119,10 @@ class SetCriterion(nn.Module):
     terms are repeated with suffix ``_{i}`` for every auxiliary decoder output, and the
     sampler's ``sample_reg_loss`` is passed through. ``weight_dict`` says how each term
     enters the total loss. Everything is computed in float32.
+
+    On a GPU the matcher's solver reads the cost matrix on the host; nothing else here waits
+    for the device: host values (box counts, the matched indices) are sent to it with
+    non-blocking copies.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
@@ -135,7 +146,7 @@ class SetCriterion(nn.Module):
     def loss_labels(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor) -> dict[str, Tensor]:
         logits = outputs["pred_logits"].float()
         batch_idx, query_idx = self._matched(indices)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, query_idx] = matched_labels
         losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
@@ -150,19 +161,21 @@ class SetCriterion(nn.Module):
     def loss_cardinality(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor) -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        actual = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        actual = torch.tensor([float(len(t["labels"])) for t in targets]).to(logits.device, non_blocking=True)
         return {"cardinality_error": F.l1_loss(predicted, actual)}
 
     def loss_boxes(self, outputs: dict, targets: list[dict], indices: list, num_boxes: Tensor) -> dict[str, Tensor]:
         batch_idx, query_idx = self._matched(indices)
         pred = outputs["pred_boxes"][batch_idx, query_idx].float()
-        target = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(pred)
+        target = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
         loss_bbox = F.l1_loss(pred, target, reduction="none").sum() / num_boxes
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def _losses_for(self, outputs: dict, targets: list[dict], num_boxes: Tensor, suffix: str = "") -> dict[str, Tensor]:
-        indices = self.matcher(outputs, targets)
+        device = outputs["pred_logits"].device
+        indices = [(src.to(device, non_blocking=True), tgt.to(device, non_blocking=True))
+                   for src, tgt in self.matcher(outputs, targets)]
         losses = {}
         for name in self.losses:
             fn = getattr(self, f"loss_{name}")
@@ -178,7 +191,7 @@ class SetCriterion(nn.Module):
         numbers of batches.
         """
         device = outputs["pred_logits"].device
-        num_boxes = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets))).to(device, non_blocking=True)
         if sync_num_boxes and is_dist_avail_and_initialized():
             torch.distributed.all_reduce(num_boxes)
             num_boxes = num_boxes / get_world_size()

@@ -133,8 +133,15 @@ class PollAndPoolSampler(nn.Module):
         self.k_proj = _k_proj(kproj_net, dim, num_coarse)
         self.v_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor, pos: Tensor, ratio: Optional[float] = None) -> SampledTokens:
-        """x, pos: ``(B, C, H, W)``; mask: ``(B, H, W)`` bool, True on padding; ratio in (0, 1]."""
+    def forward(self, x: Tensor, mask: Tensor, pos: Tensor, ratio: Optional[float] = None,
+                num_valid: Optional[Tensor] = None) -> SampledTokens:
+        """x, pos: ``(B, C, H, W)``; mask: ``(B, H, W)`` bool, True on padding; ratio in (0, 1].
+
+        num_valid: ``(B,)`` int64 on the CPU, the unpadded positions of each image
+        (``models.backbone.unpadded_positions``). The number of fine tokens sizes the encoder's
+        input, so it must be known on the host: given these counts, it is, without reading
+        ``mask``; without them it is counted from ``mask``, which on a GPU waits for the device.
+        """
         ratio = self.default_ratio if ratio is None else ratio
         if not torch.compiler.is_compiling():  # compiled, a check on the value would recompile for every ratio
             ratio = check_ratio(ratio)
@@ -146,8 +153,9 @@ class PollAndPoolSampler(nn.Module):
         pad = mask.flatten(1)                                           # (B, L)
 
         # Poll: the top N_b positions by detached score; padding ranks last.
-        num_polled = poll_counts((~pad).sum(1), ratio)                  # (B,)
-        num_fine = int(num_polled.max())
+        counts = poll_counts((~pad).sum(1) if num_valid is None else num_valid, ratio)
+        num_fine = int(counts.max())                                    # a host read only without num_valid
+        num_polled = counts.to(x.device, non_blocking=True)            # (B,)
         rank_scores = scores.detach().masked_fill(pad, -1.0)
         poll_index = rank_scores.topk(num_fine, dim=1).indices          # (B, N)
         fine_pad = torch.arange(num_fine, device=x.device)[None] >= num_polled[:, None]

@@ -230,7 +230,7 @@ class DETRsegm(nn.Module):
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
         detr = self.detr
         hs, memory, sampled = detr.transformer(features.src, features.mask, detr.query_embed.weight,
-                                               features.pos, sample_ratio)
+                                               features.pos, sample_ratio, features.num_valid)
         out = detr.detection_outputs(hs, sampled)
         grid = self.memory_grid(memory, sampled, features)
         bbox_mask = self.bbox_attention(hs[-1], grid, features.mask)

@@ -173,10 +173,11 @@ class TransformerDecoder(nn.Module):
 class Transformer(nn.Module):
     """Encoder over the image tokens (all positions, or the sampler's), decoder over queries.
 
-    ``forward(src, mask, query_embed, pos_embed, sample_ratio)`` with src/pos ``(B, C, H, W)``,
-    mask ``(B, H, W)``, query_embed ``(Q, C)`` returns ``(hs, memory, sampled)``: decoder
-    outputs ``(num_dec_layers or 1, B, Q, C)``, encoder memory ``(B, T, C)`` with T = H*W or
-    N + M, and the sampler's ``SampledTokens`` (None without a sampler).
+    ``forward(src, mask, query_embed, pos_embed, sample_ratio, num_valid)`` with src/pos
+    ``(B, C, H, W)``, mask ``(B, H, W)``, query_embed ``(Q, C)`` and optionally ``num_valid``, the
+    sampler's host counts of unpadded positions (``PollAndPoolSampler.forward``), returns
+    ``(hs, memory, sampled)``: decoder outputs ``(num_dec_layers or 1, B, Q, C)``, encoder memory
+    ``(B, T, C)`` with T = H*W or N + M, and the sampler's ``SampledTokens`` (None without a sampler).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
@@ -200,18 +201,19 @@ class Transformer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
 
-    def encoder_inputs(self, src: Tensor, mask: Tensor, pos_embed: Tensor, sample_ratio: Optional[float] = None
-                       ) -> tuple[Tensor, Tensor, Tensor, Optional[SampledTokens]]:
+    def encoder_inputs(self, src: Tensor, mask: Tensor, pos_embed: Tensor, sample_ratio: Optional[float] = None,
+                       num_valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Optional[SampledTokens]]:
         """The encoder's ``tokens``, their ``pos`` (both ``(B, T, C)``) and ``key_padding_mask``
         ``(B, T)``: the sampler's ``N + M`` tokens (also returned), or every position."""
         if self.sampler is None:
             return src.flatten(2).transpose(1, 2), pos_embed.flatten(2).transpose(1, 2), mask.flatten(1), None
-        sampled = self.sampler(src, mask, pos_embed, sample_ratio)
+        sampled = self.sampler(src, mask, pos_embed, sample_ratio, num_valid)
         return sampled.tokens, sampled.pos, sampled.key_padding_mask, sampled
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-                sample_ratio: Optional[float] = None) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
-        tokens, pos, key_padding_mask, sampled = self.encoder_inputs(src, mask, pos_embed, sample_ratio)
+                sample_ratio: Optional[float] = None, num_valid: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
+        tokens, pos, key_padding_mask, sampled = self.encoder_inputs(src, mask, pos_embed, sample_ratio, num_valid)
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
         memory = self.encoder(tokens, key_padding_mask, pos)
         hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos, query_pos)

@@ -67,6 +67,56 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+class HostWaits:
+    """Records, while active, every operation that would make the host wait for a GPU.
+
+    The ``meta`` device stands in for the GPU: its tensors have shapes but no values. Recorded
+    are reads of a device value (``.item()``, ``int(t)``: they also fail on meta, as they would
+    wait on a GPU), blocking copies from the host to the device, and operations that mix device
+    tensors with host tensors of one or more dimensions (a blocking copy inside the operation).
+    Not seen: tensors made on the device straight from Python numbers (``torch.tensor(x, device=d)``).
+    """
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    def __enter__(self) -> "HostWaits":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                recorder._check(func, args, kwargs or {})
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def _check(self, func, args, kwargs) -> None:
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        on_device = [t for t in tensors if t.device.type == "meta"]
+        on_host = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+        name = str(func)
+        if func is torch.ops.aten._local_scalar_dense.default and on_device:
+            self.found.append(f"{name}: reads a device value")
+        elif func is torch.ops.aten._to_copy.default:
+            if tensors[0].device.type == "cpu" and str(kwargs.get("device")) == "meta" and not kwargs.get("non_blocking"):
+                self.found.append(f"{name}: blocking copy to the device")
+        elif func is torch.ops.aten.copy_.default:
+            if args[0].device.type == "meta" and args[1].device.type == "cpu" and not (args[2:] and args[2]):
+                self.found.append(f"{name}: blocking copy to the device")
+        elif on_device and on_host:
+            self.found.append(f"{name}: takes host tensors {[tuple(t.shape) for t in on_host]} with device ones")
+
+
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     """A command-line entry point ended with status 2 and one ``error:`` line holding every needle."""
     assert code == 2

@@ -11,7 +11,7 @@ from torchvision.models import _api as tv_api
 from torchvision.ops import FrozenBatchNorm2d
 
 import main
-from models.backbone import Backbone, Joiner, build_backbone, load_backbone_weights
+from models.backbone import Backbone, Joiner, build_backbone, load_backbone_weights, unpadded_positions
 from util.errors import UserError
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
@@ -83,6 +83,18 @@ def test_mask_is_downsampled_with_the_features(resnet18_frozen):
     expected = torch.tensor([[[False, False], [False, False]], [[False, True], [False, True]]])
     assert feature.mask.dtype == torch.bool
     assert torch.equal(feature.mask, expected)
+
+
+@pytest.mark.parametrize("sizes", [[(64, 64), (64, 32)], [(97, 61), (33, 130), (70, 70)], [(45, 45)]])
+def test_unpadded_positions_count_what_the_resized_masks_leave_unpadded(sizes):
+    backbone = Backbone("resnet18", True, return_interm_layers=True, dilation=False, frozen_bn=True).eval()
+    nested = nested_tensor_from_tensor_list([torch.rand(3, h, w) for h, w in sizes])
+    with torch.no_grad():
+        stages = backbone(nested).values()
+    for stage in stages:                                    # strides 4, 8, 16 and 32
+        counted = unpadded_positions(nested.image_sizes, nested.tensors.shape[-2:], stage.mask.shape[-2:])
+        assert counted.device.type == "cpu"
+        assert counted.tolist() == (~stage.mask).flatten(1).sum(1).tolist()
 
 
 def test_dilation_on_resnet18_is_a_user_error():

@@ -9,7 +9,8 @@ import main
 from models.detr import PostProcess, SetCriterion, build
 from models.matcher import HungarianMatcher
 from util.errors import UserError
-from util.misc import NestedTensor
+from conftest import HostWaits
+from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 
 NUM_CLASSES, NUM_QUERIES, HIDDEN, NUM_COARSE = 5, 7, 32, 4
@@ -119,6 +120,30 @@ def test_extract_features_then_predict_equals_forward(pnp):
 
 
 # ----------------------------------------------------------------------------- variants and keys
+def _padded_batch(device: str) -> NestedTensor:
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 80, generator=gen), torch.rand(3, 72, 48, generator=gen)]
+    return nested_tensor_from_tensor_list(images).to(device)
+
+
+@pytest.mark.parametrize("flags", [(), ("--no_pnp",)])
+def test_forward_never_waits_for_the_device(flags):
+    model = tiny_build(*flags)[0].to("meta").train()       # meta stands in for a GPU: no values
+    samples = _padded_batch("meta")
+    with HostWaits() as waits:
+        out = model(samples, 0.5)
+    assert waits.found == []
+    assert out["pred_boxes"].shape == (2, NUM_QUERIES, 4)
+
+
+def test_features_count_the_unpadded_positions_on_the_host(pnp):
+    model, _, _ = pnp
+    with torch.no_grad():
+        features = model.extract_features(_padded_batch("cpu"))
+    assert features.num_valid.device.type == "cpu"
+    assert features.num_valid.tolist() == (~features.mask).flatten(1).sum(1).tolist()
+
+
 def test_no_pnp_model_has_no_sampler():
     model, criterion, _ = tiny_build("--no_pnp")
     model.eval()
@@ -200,6 +225,55 @@ def test_no_aux_loss_flag():
 def _criterion(eos_coef=0.1, losses=("labels", "boxes", "cardinality")):
     weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
     return SetCriterion(NUM_CLASSES, HungarianMatcher(1, 5, 2), weight_dict, eos_coef, list(losses))
+
+
+class _FixedMatches(torch.nn.Module):
+    """Stands in for the Hungarian matcher, whose solver reads the costs on the host."""
+
+    def forward(self, outputs, targets):
+        return [(torch.tensor([0, 2]), torch.tensor([1, 0])), (torch.tensor([3]), torch.tensor([0]))]
+
+
+def test_criterion_waits_for_the_device_only_in_the_matcher():
+    criterion = _criterion().to("meta")
+    criterion.matcher = _FixedMatches()
+    outputs = {"pred_logits": torch.randn(2, 4, NUM_CLASSES + 1, device="meta"),
+               "pred_boxes": torch.rand(2, 4, 4, device="meta")}
+    outputs["aux_outputs"] = [dict(outputs)]
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4)},
+               {"labels": torch.tensor([3]), "boxes": torch.rand(1, 4)}]
+    targets = [{key: value.to("meta") for key, value in t.items()} for t in targets]
+    with HostWaits() as waits:
+        losses = criterion(outputs, targets)
+    assert waits.found == []
+    assert {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"} <= set(losses)
+
+
+@pytest.mark.gpu
+def test_cuda_forward_and_loss_synchronise_only_in_the_matcher():
+    model, criterion, _ = tiny_build()
+    model.cuda().train()
+    criterion.cuda()
+    targets = [{"labels": torch.tensor([1, 2]).cuda(), "boxes": torch.rand(2, 4).cuda()},
+               {"labels": torch.tensor([3]).cuda(), "boxes": torch.rand(1, 4).cuda()}]
+    samples = _padded_batch("cuda")
+    torch.cuda.synchronize()
+    solve = criterion.matcher.forward
+
+    def matcher_allowed_to_wait(outputs, targets):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return solve(outputs, targets)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    criterion.matcher.forward = matcher_allowed_to_wait
+    torch.cuda.set_sync_debug_mode("error")     # a synchronising call raises
+    try:
+        losses = criterion(model(samples, 0.5), targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(v).all() for v in losses.values())
 
 
 def test_perfect_prediction_has_zero_box_losses_and_no_class_error():

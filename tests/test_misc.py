@@ -66,6 +66,15 @@ def test_nested_tensor_decompose_and_to():
     moved = nested.to("cpu")
     assert isinstance(moved, NestedTensor)
     assert torch.equal(moved.tensors, nested.tensors) and torch.equal(moved.mask, nested.mask)
+    assert moved.image_sizes == nested.image_sizes
+
+
+def test_nested_tensor_records_each_image_size_before_padding():
+    a, b = _images()
+    nested = nested_tensor_from_tensor_list([a, b], size_divisibility=4)
+    assert nested.image_sizes == [tuple(a.shape[1:]), tuple(b.shape[1:])]
+    for (height, width), mask in zip(nested.image_sizes, nested.mask):
+        assert not mask[:height, :width].any() and int((~mask).sum()) == height * width
 
 
 def test_to_nested_tensor_passes_nested_tensor_through():
@@ -79,6 +88,7 @@ def test_to_nested_tensor_4d_tensor_has_no_padding():
     assert nested.tensors is batch
     assert nested.mask.shape == (2, 4, 5) and nested.mask.dtype == torch.bool
     assert not nested.mask.any()
+    assert nested.image_sizes == [(4, 5), (4, 5)]
 
 
 def test_to_nested_tensor_list_and_tuple_of_3d_tensors():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import HostWaits
 from models.pnp import PollAndPoolSampler, poll_counts
 
 
@@ -139,6 +140,37 @@ def test_token_counts_follow_each_images_valid_area():
     real_slots = out.poll_index[1, :9]
     assert not mask[1].flatten()[real_slots].any(), "a padded position was polled"
     assert len(set(out.poll_index[0].tolist())) == 15
+
+
+def _padded_batch():
+    mask = torch.zeros(2, 6, 5, dtype=torch.bool)
+    mask[1, 4:, :] = True
+    mask[1, :, 3:] = True                                  # image 1: 4 x 3 = 12 valid positions
+    return torch.randn(2, 4, 6, 5), mask, torch.randn(2, 4, 6, 5)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.65, 1.0])
+def test_host_counts_give_the_tokens_the_mask_gives(ratio):
+    torch.manual_seed(0)
+    sampler = PollAndPoolSampler(dim=4, num_coarse=2)
+    x, mask, pos = _padded_batch()
+    counted = sampler(x, mask, pos, ratio)
+    given = sampler(x, mask, pos, ratio, num_valid=torch.tensor([30, 12]))
+    assert given.num_polled.tolist() == counted.num_polled.tolist() == poll_counts(torch.tensor([30, 12]), ratio).tolist()
+    for name in ("tokens", "pos", "key_padding_mask", "poll_index", "pool_weights", "sample_reg_loss"):
+        torch.testing.assert_close(getattr(given, name), getattr(counted, name), msg=name)
+
+
+def test_host_counts_spare_the_sampler_any_wait_for_the_device():
+    sampler = PollAndPoolSampler(dim=4, num_coarse=2).to("meta")   # meta stands in for a GPU: no values
+    x, mask, pos = (t.to("meta") for t in _padded_batch())
+    with HostWaits() as waits:
+        out = sampler(x, mask, pos, 0.5, num_valid=torch.tensor([30, 12]))
+    assert waits.found == []
+    assert out.tokens.shape == (2, 15 + 2, 4) and out.num_polled.device.type == "meta"
+    with pytest.raises(RuntimeError), HostWaits() as waits:   # counted from the mask, N is a device value
+        sampler(x, mask, pos, 0.5)
+    assert waits.found == ["aten._local_scalar_dense.default: reads a device value"]
 
 
 def test_pool_weights_are_convex_over_the_rest():

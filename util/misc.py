@@ -21,15 +21,21 @@ class NestedTensor:
     """A batch of images padded to a common size.
 
     ``tensors``: ``(B, C, H, W)``; ``mask``: ``(B, H, W)`` bool, True on padding.
+    ``image_sizes``: each image's ``(height, width)`` before padding, when known, as host
+    integers: the mask is then False exactly on that top-left rectangle. Code that needs the
+    number of unpadded positions reads it from here instead of from the mask, which on a GPU
+    would wait for the device.
     """
 
-    def __init__(self, tensors: Tensor, mask: Optional[Tensor]):
+    def __init__(self, tensors: Tensor, mask: Optional[Tensor],
+                 image_sizes: Optional[list[tuple[int, int]]] = None):
         self.tensors = tensors
         self.mask = mask
+        self.image_sizes = image_sizes
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "NestedTensor":
         mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
-        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask, self.image_sizes)
 
     def decompose(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.tensors, self.mask
@@ -55,7 +61,7 @@ def nested_tensor_from_tensor_list(tensor_list: list[Tensor], size_divisibility:
     for image, padded, pad_mask in zip(tensor_list, tensor, mask):
         padded[:, : image.shape[1], : image.shape[2]].copy_(image)
         pad_mask[: image.shape[1], : image.shape[2]] = False
-    return NestedTensor(tensor, mask)
+    return NestedTensor(tensor, mask, [(t.shape[1], t.shape[2]) for t in tensor_list])
 
 
 def to_nested_tensor(samples: NestedTensor | Tensor | list[Tensor]) -> NestedTensor:
@@ -64,7 +70,7 @@ def to_nested_tensor(samples: NestedTensor | Tensor | list[Tensor]) -> NestedTen
         return samples
     if isinstance(samples, Tensor) and samples.dim() == 4:
         mask = torch.zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool, device=samples.device)
-        return NestedTensor(samples, mask)
+        return NestedTensor(samples, mask, [tuple(samples.shape[2:])] * samples.shape[0])
     if isinstance(samples, (list, tuple)) or (isinstance(samples, Tensor) and samples.dim() == 3):
         images = [samples] if isinstance(samples, Tensor) else list(samples)
         return nested_tensor_from_tensor_list(images)
