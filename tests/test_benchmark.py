@@ -41,6 +41,15 @@ def test_tiny_benchmark_writes_every_figure_and_check(tmp_path, capsys):
     assert "FLOPs ratio" in names and "sampler" in names and "evaluation" in names
 
 
+@pytest.mark.parametrize("variant,checked", [("R50", True), ("DC5-R50", False)])
+def test_four_ratio_evaluation_target_is_checked_for_stride_32_only(variant, checked):
+    timing = benchmark.Timing.of
+    evaluation = {"variant": variant, "dtype": "fp32", "ratios": [0.33, 0.5],
+                  "one_ratio": timing([1.0]), "all_ratios": timing([1.7])}
+    found = benchmark.checks([], [evaluation], torch.device("cpu"))
+    assert [(check.value, check.passed) for check in found] == ([(1.7, False)] if checked else [])
+
+
 def test_parts_clock_and_model_flags_are_honoured(tmp_path):
     output = tmp_path / "bench.json"
     benchmark.run(["--size", "64", "64", "--variants", "r50", "--ratios", "0.5", "--parts", "flops", "latency",

@@ -344,6 +344,8 @@ def checks(results: list[dict[str, Any]], evals: list[dict[str, Any]], device: t
             found.append(Check(f"{variant} {device.type}: bf16 training step speed-up over fp32 (DETR)",
                                value, 1.7, value >= 1.7))
     for row in evals:
+        if row["variant"].startswith("DC5"):  # the target is set for stride 32, where the backbone dominates
+            continue
         value = row["all_ratios"].median / row["one_ratio"].median
         found.append(Check(f"{row['variant']} {device.type} {row['dtype']}: evaluation at {row['ratios']} / at "
                            f"{row['ratios'][:1]}", value, 1.6, value <= 1.6))
