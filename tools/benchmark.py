@@ -206,8 +206,8 @@ def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: s
 
     transformer = model.transformer
     features = run(lambda: model.extract_features(image))()
-    src, mask, pos = features.src, features.mask, features.pos
-    tokens, token_pos, padding, _ = run(lambda: transformer.encoder_inputs(src, mask, pos, ratio))()
+    src, mask, pos, num_valid = features.src, features.mask, features.pos, features.num_valid
+    tokens, token_pos, padding, _ = run(lambda: transformer.encoder_inputs(src, mask, pos, ratio, num_valid))()
     memory = run(lambda: transformer.encoder(tokens, padding, token_pos))()
     query_pos = model.query_embed.weight[None].expand(image.shape[0], -1, -1)
     encoder, decoder, sampler = transformer.encoder, transformer.decoder, transformer.sampler
@@ -215,11 +215,11 @@ def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: s
         encoder, decoder = torch.compile(encoder), torch.compile(decoder)
         sampler = sampler and torch.compile(sampler)
     calls = {"latency": lambda: model.predict(model.extract_features(image), ratio),
-             "transformer_latency": lambda: transformer(src, mask, model.query_embed.weight, pos, ratio),
+             "transformer_latency": lambda: transformer(src, mask, model.query_embed.weight, pos, ratio, num_valid),
              "encoder_latency": lambda: encoder(tokens, padding, token_pos),
              "decoder_latency": lambda: decoder(torch.zeros_like(query_pos), memory, padding, token_pos, query_pos)}
     if sampler is not None:
-        calls["sampler_latency"] = lambda: sampler(src, mask, pos, ratio)
+        calls["sampler_latency"] = lambda: sampler(src, mask, pos, ratio, num_valid)
     return {name: run(fn) for name, fn in calls.items()}
 
 
