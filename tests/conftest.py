@@ -111,7 +111,8 @@ class HostWaits:
             if tensors[0].device.type == "cpu" and str(kwargs.get("device")) == "meta" and not kwargs.get("non_blocking"):
                 self.found.append(f"{name}: blocking copy to the device")
         elif func is torch.ops.aten.copy_.default:
-            if args[0].device.type == "meta" and args[1].device.type == "cpu" and not (args[2:] and args[2]):
+            non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
+            if args[0].device.type == "meta" and args[1].device.type == "cpu" and not non_blocking:
                 self.found.append(f"{name}: blocking copy to the device")
         elif on_device and on_host:
             self.found.append(f"{name}: takes host tensors {[tuple(t.shape) for t in on_host]} with device ones")

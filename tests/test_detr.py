@@ -234,6 +234,15 @@ class _FixedMatches(torch.nn.Module):
         return [(torch.tensor([0, 2]), torch.tensor([1, 0])), (torch.tensor([3]), torch.tensor([0]))]
 
 
+def test_host_waits_sees_blocking_copies_and_host_indices():
+    on_device, index = torch.zeros(4, device="meta"), torch.tensor([0, 2])
+    with HostWaits() as waits:
+        index.to("meta", non_blocking=True)
+        index.to("meta")
+        on_device[index]
+    assert [found.split(":")[0] for found in waits.found] == ["aten._to_copy.default", "aten.index.Tensor"]
+
+
 def test_criterion_waits_for_the_device_only_in_the_matcher():
     criterion = _criterion().to("meta")
     criterion.matcher = _FixedMatches()
