@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import main
+from conftest import HostWaits
 from models.detr import build as build_detector
 from models.pnp import PollAndPoolSampler, SampledTokens
 from models.segmentation import (GridMemory, PostProcessPanoptic, PostProcessSegm, build, dice_loss,
                                  load_frozen_detector, sigmoid_focal_loss)
 from util.errors import UserError
+from util.misc import nested_tensor_from_tensor_list
 
 NUM_CLASSES, NUM_QUERIES = 5, 4
 
@@ -148,6 +150,15 @@ def test_forward_adds_stride_4_masks(extra):
     assert out["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
     assert out["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)
     assert torch.isfinite(out["pred_masks"]).all()
+
+
+def test_forward_never_waits_for_the_device():
+    model = build(tiny_args())[0].to("meta").train()        # meta stands in for a GPU: no values
+    samples = nested_tensor_from_tensor_list([torch.rand(3, 64, 48), torch.rand(3, 50, 64)]).to("meta")
+    with HostWaits() as waits:
+        out = model(samples, 0.5)
+    assert waits.found == []
+    assert out["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)
 
 
 def test_backbone_ending_at_stage_2_gives_a_two_level_mask_head():
