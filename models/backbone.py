@@ -116,11 +116,13 @@ def unpadded_positions(image_sizes: list[tuple[int, int]], canvas: tuple[int, in
     indices on the host, so the count equals ``(~mask).sum()`` without reading the mask
     (which, on a GPU, would wait for the device).
     """
-    rows = F.interpolate(torch.arange(canvas[0], dtype=torch.float32)[None, None, :, None], size=(grid[0], 1)).flatten()
-    cols = F.interpolate(torch.arange(canvas[1], dtype=torch.float32)[None, None, None, :], size=(1, grid[1])).flatten()
-    heights = torch.tensor([height for height, _ in image_sizes], dtype=torch.float32)
-    widths = torch.tensor([width for _, width in image_sizes], dtype=torch.float32)
-    return (rows[None] < heights[:, None]).sum(1) * (cols[None] < widths[:, None]).sum(1)
+    sizes = torch.tensor(image_sizes, dtype=torch.float32)                    # (B, 2): heights, widths
+    kept = []
+    for axis, (length, resized) in enumerate(zip(canvas, grid)):
+        # The pixel index each resized position reads, by the map that resizes every axis of the mask.
+        source = F.interpolate(torch.arange(length, dtype=torch.float32)[None, None, None], size=(1, resized)).flatten()
+        kept.append((source[None] < sizes[:, axis, None]).sum(1))             # (B,) unpadded along this axis
+    return kept[0] * kept[1]
 
 
 class Joiner(nn.Sequential):

@@ -22,8 +22,8 @@ class ImageFeatures:
 
     src: ``(B, d, H, W)`` projected last-stage features; mask: ``(B, H, W)`` True on padding;
     pos: ``(B, d, H, W)`` position encoding; stages: the backbone's returned stages;
-    num_valid: ``(B,)`` int64 on the CPU, the unpadded positions of each image in ``src``, when
-    the input's image sizes are known (the sampler then sizes its tokens without reading ``mask``).
+    num_valid: ``(B,)`` int64 on the CPU, the unpadded positions of each image in ``src``, for the
+    sampler when the input's image sizes are known (it then sizes its tokens without reading ``mask``).
     """
 
     src: Tensor
@@ -84,7 +84,7 @@ class DETR(nn.Module):
         stages, pos = self.backbone(samples)
         src, mask = stages[-1].decompose()
         num_valid = None
-        if samples.image_sizes is not None:
+        if self.uses_pnp and samples.image_sizes is not None:
             num_valid = unpadded_positions(samples.image_sizes, samples.tensors.shape[-2:], src.shape[-2:])
         return ImageFeatures(src=self.input_proj(src), mask=mask, pos=pos[-1], stages=stages, num_valid=num_valid)
 
