@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Subset
 
 from datasets.coco import CocoDetection, build as build_coco
+from datasets.coco_eval import COCO
 from datasets.coco_panoptic import CocoPanoptic, build as build_coco_panoptic
 from util.errors import UserError
 
@@ -27,7 +27,7 @@ def build_dataset(image_set: str, args: Any) -> Dataset:
 
 
 def get_coco_api_from_dataset(dataset: Dataset) -> COCO:
-    """The pycocotools box ground truth of a ``CocoDetection`` or ``CocoPanoptic`` (``Subset``
+    """The COCO box ground truth (the ``CocoEvaluator`` index) of a ``CocoDetection`` or ``CocoPanoptic`` (``Subset``
     wrappers are unwrapped)."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset

@@ -1,4 +1,4 @@
-"""COCO-format detection dataset (pycocotools index + PIL images).
+"""COCO-format detection dataset (its json indexed by image + PIL images).
 
 Layout read by ``build``::
 
@@ -10,18 +10,18 @@ convention; label ``num_classes`` is then "no object" in the model).
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import functools
 import json
 import os
+from collections import defaultdict
 from typing import Any, Callable, Optional
 
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datasets.coco_eval import COCO, coco_from_dict
 from datasets.transforms import clip_boxes, make_coco_transforms
 from util.errors import UserError
 
@@ -108,15 +108,6 @@ def num_classes_from_annotations(ann_file: str) -> int:
     return max(category_ids(load_annotation_json(ann_file))) + 1
 
 
-def coco_from_dict(data: dict) -> COCO:
-    """A pycocotools ``COCO`` index built from an in-memory dataset dict (no printing)."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
 def box_target(image_id: int, entries: list[dict], height: int, width: int) -> dict[str, Tensor]:
     """The raw target of non-crowd COCO ``entries`` (``bbox`` xywh, ``category_id``, ``area``),
     boxes as xyxy pixels, before clipping."""
@@ -146,21 +137,33 @@ def read_image(path: str) -> Image.Image:
 class CocoImages(Dataset):
     """Images of a COCO-format json paired with their targets.
 
-    Subclasses set ``img_folder``, ``coco`` (a pycocotools index holding the images),
-    ``ids``, ``transforms`` and define ``make_target(image_id, height, width)``.
+    Subclasses set ``img_folder``, ``images`` (image id -> its json entry), ``box_ground_truth``
+    (a COCO detection dict of the images' boxes), ``ids``, ``transforms`` and define
+    ``make_target(image_id, height, width)``. ``coco``, the evaluation index of
+    ``box_ground_truth``, is built on first use (only an evaluated split needs it) and is not
+    pickled (data loader workers started by spawning rebuild it if they ever need it).
     """
 
     img_folder: str
-    coco: COCO
+    images: dict[int, dict]
+    box_ground_truth: dict
     ids: list[int]
     transforms: Optional[Callable[[Any, dict], tuple[Any, dict]]]
+
+    @functools.cached_property
+    def coco(self) -> COCO:
+        """The COCO index of ``box_ground_truth``, the ground truth of ``CocoEvaluator``."""
+        return coco_from_dict(self.box_ground_truth)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "coco"}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def load_image(self, image_id: int) -> Image.Image:
         """The RGB PIL image of ``image_id``; ``UserError`` if it cannot be decoded."""
-        return read_image(os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"]))
+        return read_image(os.path.join(self.img_folder, self.images[image_id]["file_name"]))
 
     def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -183,7 +186,7 @@ class CocoDetection(CocoImages):
     ``area`` float ``(K,)``, ``iscrowd`` int64 ``(K,)`` (crowd annotations are skipped), and
     ``orig_size`` = ``size`` int64 ``[h, w]``. ``transforms=None`` returns the PIL image.
 
-    Attributes: ``coco`` (the pycocotools index, for evaluation), ``ids`` (image ids in
+    Attributes: ``coco`` (the COCO index, for evaluation), ``images``, ``ids`` (image ids in
     dataset order), ``num_classes``.
     """
 
@@ -207,12 +210,16 @@ class CocoDetection(CocoImages):
         self.ann_file = ann_file
         self.transforms = transforms
         self.num_classes = num_classes
-        self.coco = coco_from_dict(data)
-        self.ids = sorted(self.coco.imgs.keys())
+        self.box_ground_truth = data
+        self.images = {image["id"]: image for image in data["images"]}
+        self.annotations_by_image: dict[int, list[dict]] = defaultdict(list)
+        for ann in data["annotations"]:
+            self.annotations_by_image[ann["image_id"]].append(ann)
+        self.ids = sorted(self.images)
 
     def make_target(self, image_id: int, height: int, width: int) -> dict[str, Tensor]:
         """The raw target of ``image_id`` for an image of ``height x width`` pixels."""
-        anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
+        anns = [a for a in self.annotations_by_image[image_id] if not a["iscrowd"]]
         return clip_boxes(box_target(image_id, anns, height, width), height, width)
 
 

@@ -20,12 +20,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
-from panopticapi.utils import rgb2id
 from torch import Tensor
 
-from datasets.coco import CocoImages, box_target, coco_from_dict, read_json_object, short_repr
+from datasets.coco import CocoImages, box_target, read_json_object, short_repr
 from datasets.transforms import clip_boxes, make_coco_transforms
 from util.errors import UserError
+from util.panoptic_png import rgb_to_ids
 
 REQUIRED_FIELDS: dict[str, dict[str, type]] = {
     "images": {"id": int, "file_name": str},
@@ -99,7 +99,7 @@ class CocoPanoptic(CocoImages):
     over the non-crowd segments (things and stuff), and with ``return_masks`` also ``masks``
     bool ``(K, H, W)`` decoded from the PNG.
 
-    Attributes: ``coco`` (pycocotools index of the segments' boxes, for box AP), ``panoptic``
+    Attributes: ``coco`` (COCO index of the segments' boxes, for box AP), ``images``, ``panoptic``
     (the json), ``ann_folder`` (the PNG folder), ``ids``, ``num_classes``, ``is_thing_map``
     (category id -> isthing).
     """
@@ -128,7 +128,8 @@ class CocoPanoptic(CocoImages):
         self.num_classes = num_classes
         self.panoptic = data
         self.is_thing_map = {c["id"]: bool(c["isthing"]) for c in data["categories"]}
-        self.coco = coco_from_dict(detection_dict(data))
+        self.box_ground_truth = detection_dict(data)
+        self.images = images
         self.annotations = {ann["image_id"]: ann for ann in data["annotations"]}
         self.ids = sorted(self.annotations)
 
@@ -138,7 +139,7 @@ class CocoPanoptic(CocoImages):
         path = os.path.join(self.ann_folder, ann["file_name"])
         try:
             with Image.open(path) as png:
-                ids = rgb2id(np.asarray(png.convert("RGB"), dtype=np.uint32))
+                ids = rgb_to_ids(np.asarray(png.convert("RGB")))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UserError(f"cannot read panoptic PNG {path}: {' '.join(str(err).split())}") from None
         if ids.shape != (height, width):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from util.misc import (NestedTensor, SmoothedValue, collate_fn, nested_tensor_from_tensor_list,
-                       to_nested_tensor)
+from util.misc import (NestedTensor, SmoothedValue, collate_fn, gather, nested_tensor_from_tensor_list, owner_rank,
+                       run_spread, to_nested_tensor)
 
 
 def _images():
@@ -153,3 +153,12 @@ def test_smoothed_value_empty_global_avg_is_zero_and_str_formats():
     meter.update(4.0)
     # torch's median of an even window is the lower middle value.
     assert str(meter) == "1.0|2.50|4"
+
+
+def test_one_process_owns_every_job_and_gathers_its_own_data():
+    # Several processes: tests/test_distributed.py.
+    ran = []
+    jobs = [lambda i=i: ran.append(i) or i * i for i in range(3)]
+    assert run_spread(jobs) == [0, 1, 4] and ran == [0, 1, 2]
+    assert [owner_rank(i) for i in range(3)] == [0, 0, 0]
+    assert gather({"a": 1}, dst=0) == [{"a": 1}]

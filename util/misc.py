@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections import defaultdict, deque
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,31 @@ def all_gather(data: Any) -> list[Any]:
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, data)
     return gathered
+
+
+def gather(data: Any, dst: int) -> Optional[list[Any]]:
+    """Gather any picklable object from every process on rank ``dst`` only: one entry per rank
+    there, ``None`` on the other ranks."""
+    if get_world_size() == 1:
+        return [data]
+    gathered: Optional[list[Any]] = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(data, gathered, dst=dst)
+    return gathered
+
+
+def owner_rank(index: int) -> int:
+    """The rank that does job ``index`` of jobs dealt round-robin over the processes."""
+    return index % get_world_size()
+
+
+def run_spread(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run job ``i`` on rank ``owner_rank(i)`` only (the jobs run in parallel over the ranks)
+    and return every job's (picklable) result on every rank."""
+    mine = {index: job() for index, job in enumerate(jobs) if owner_rank(index) == get_rank()}
+    results: dict[int, Any] = {}
+    for part in all_gather(mine):
+        results.update(part)
+    return [results[index] for index in range(len(jobs))]
 
 
 def reduce_dict(values: dict[str, Tensor], average: bool = True) -> dict[str, Tensor]:
