@@ -4,6 +4,7 @@ on the synthetic panoptic val."""
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 
 import datasets.panoptic_eval as panoptic_eval
 from datasets.panoptic_eval import PQ_NAMES, PanopticEvaluator, panoptic_row
+from datasets.synthetic import IMAGE_SIZE, generate
 from util.panoptic_png import ids_to_rgb, rgb_to_ids
 
 PANOPTICAPI_MISSING = ("panopticapi (pip install panopticapi-lite, which pins numpy<2) is not installed: "
@@ -112,6 +114,57 @@ def test_pq_equals_panopticapi_on_a_hand_made_case(tmp_path):
     gt = write_ground_truth(tmp_path, case)
     ours = _evaluate(gt, tmp_path, predictions(case))
     assert_same_results(ours, panopticapi_results(tmp_path, gt, predictions(case)))
+
+
+# ----------------------------------------------------------------------------- synthetic panoptic val
+def imperfect_predictions(root, seed: int = 0) -> tuple[dict, str, dict[int, dict]]:
+    """The synthetic panoptic val's ground truth, its PNG folder and predictions made from it:
+    each image's id map shifted by up to 2 pixels, one segment in three given another
+    category, one in five dropped (void), and a spurious square segment in every other image."""
+    folder = root / "annotations" / "panoptic_val2017"
+    gt = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
+    categories = [c["id"] for c in gt["categories"]]
+    rng = np.random.default_rng(seed)
+    preds = {}
+    for ann in gt["annotations"]:
+        with Image.open(folder / ann["file_name"]) as png:
+            ids = np.roll(rgb_to_ids(np.asarray(png.convert("RGB"))), tuple(rng.integers(-2, 3, size=2)), axis=(0, 1))
+        labels = {}
+        for segment in ann["segments_info"]:
+            if rng.uniform() < 0.2:
+                ids[ids == segment["id"]] = 0
+            else:
+                swap = rng.uniform() < 1 / 3
+                labels[segment["id"]] = int(rng.choice(categories)) if swap else segment["category_id"]
+        if rng.uniform() < 0.5:
+            y, x = rng.integers(0, min(ids.shape) - 8, size=2)
+            ids[y:y + 8, x:x + 8] = 1000
+            labels[1000] = int(rng.choice(categories))
+        preds[ann["image_id"]] = {"png_string": _png(ids), "segments_info": _segments(ids, labels)}
+    return gt, str(folder), preds
+
+
+def test_pq_equals_panopticapi_on_the_synthetic_panoptic_val(synthetic_panoptic_root, tmp_path):
+    assert_pq_equals_panopticapi(Path(synthetic_panoptic_root), tmp_path)
+
+
+def test_pq_equals_panopticapi_on_the_readme_synthetic_panoptic_val(tmp_path):
+    """The val split of README's ``python -m datasets.synthetic ... --num_val 200 --seed 0 --panoptic``
+    (a split's images do not depend on the size of the other split)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate(str(tmp_path / "data"), num_train=0, num_val=200, image_size=IMAGE_SIZE, seed=0, panoptic=True)
+    assert_pq_equals_panopticapi(tmp_path / "data", tmp_path)
+
+
+def assert_pq_equals_panopticapi(root: Path, tmp_path: Path) -> None:
+    gt, folder, preds = imperfect_predictions(root)
+    evaluator = PanopticEvaluator(gt, folder, verbose=False)
+    evaluator.update(preds)
+    evaluator.accumulate()
+    assert 0.1 < evaluator.results["All"]["pq"] < 0.9 and evaluator.results["Stuff"]["n"] > 0
+    (tmp_path / "gt").symlink_to(folder)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    assert_same_results(evaluator.results, panopticapi_results(tmp_path, gt, preds))
 
 
 def test_predictions_are_merged_across_processes(tmp_path, monkeypatch):
