@@ -1,4 +1,5 @@
 """One training epoch and the evaluation at several poll ratios."""
+import functools
 import math
 import random
 import time
@@ -10,7 +11,7 @@ from torch import nn
 from datasets.coco_eval import CocoEvaluator
 from datasets.panoptic_eval import GROUP_KEYS, PanopticEvaluator
 from models.detr import DETR
-from util.misc import MetricLogger, SmoothedValue, reduce_dict
+from util.misc import MetricLogger, SmoothedValue, owner_rank, reduce_dict, run_spread
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,7 +93,9 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
 
     The backbone runs once per batch; only the sampler, transformer and heads run per ratio.
     Under several processes the loop has no collective (ranks may hold different numbers of
-    batches); detections and loss averages are gathered once at the end.
+    batches); loss averages are gathered once at the end, and each ratio's detections on the
+    one process that evaluates that ratio (``evaluate_spread``: the ratios are evaluated in
+    parallel over the processes, and every process returns every ratio's stats).
     Returns ``{f"{ratio_key(r)}{name}": value}`` with ``coco_eval_bbox`` the 12 COCO stats and
     ``images_per_s`` the model's speed at that ratio: images over the time of the shared
     backbone pass plus that ratio's own pass (losses, post-processing and COCO evaluation
@@ -105,11 +108,12 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
     model.eval()
     criterion.eval()
     loggers = {r: MetricLogger() for r in ratios}
-    evaluators = {r: CocoEvaluator(base_ds) for r in ratios}
+    evaluators = {r: CocoEvaluator(base_ds, verbose=False) for r in ratios}
     panoptic_evaluators = {}
     if "panoptic" in postprocessors:
         dataset = data_loader.dataset
-        panoptic_evaluators = {r: PanopticEvaluator(dataset.panoptic, dataset.ann_folder) for r in ratios}
+        panoptic_evaluators = {r: PanopticEvaluator(dataset.panoptic, dataset.ann_folder, verbose=False)
+                               for r in ratios}
     progress = MetricLogger()
     seconds_per_image = MetricLogger()  # one meter per ratio
     num_batches = len(data_loader)
@@ -145,24 +149,49 @@ def evaluate(model: DETR, criterion: nn.Module, postprocessors: dict[str, nn.Mod
                 panoptic_evaluators[ratio].update({int(t["image_id"]): p for t, p in zip(targets, panoptic)})
 
     seconds_per_image.synchronize_between_processes()
-    stats: dict[str, Any] = {}
     for ratio in ratios:
         loggers[ratio].synchronize_between_processes()
-        evaluator = evaluators[ratio]
-        evaluator.synchronize_between_processes()
-        evaluator.accumulate()
+    evaluated = evaluate_spread(ratios, evaluators, panoptic_evaluators)
+    stats: dict[str, Any] = {}
+    for ratio, (box, panoptic) in zip(ratios, evaluated):
         print(f"Box AP at poll ratio {ratio}:" if ratio is not None else "Box AP:")
-        evaluator.summarize()
+        print(box["summary"])
         prefix = ratio_key(ratio)
         stats.update({f"{prefix}{k}": m.global_avg for k, m in loggers[ratio].meters.items()})
-        stats[f"{prefix}coco_eval_bbox"] = list(evaluator.stats)
-        if panoptic_evaluators:
-            panoptic_evaluator = panoptic_evaluators[ratio]
-            panoptic_evaluator.synchronize_between_processes()
-            panoptic_evaluator.accumulate()
+        stats[f"{prefix}coco_eval_bbox"] = box["stats"]
+        if panoptic is not None:
             print(f"Panoptic quality at poll ratio {ratio}:" if ratio is not None else "Panoptic quality:")
-            panoptic_evaluator.summarize()
-            stats.update({f"{prefix}{GROUP_KEYS[group]}": result for group, result in panoptic_evaluator.results.items()})
+            print(panoptic["summary"])
+            stats.update({f"{prefix}{GROUP_KEYS[group]}": result for group, result in panoptic["results"].items()})
         seconds = seconds_per_image.meters[str(ratio)].global_avg
         stats[f"{prefix}images_per_s"] = 1 / seconds if seconds > 0 else 0.0
     return stats
+
+
+def evaluate_spread(ratios: Sequence[Optional[float]], evaluators: dict[Optional[float], CocoEvaluator],
+                    panoptic_evaluators: dict[Optional[float], PanopticEvaluator]
+                    ) -> list[tuple[dict[str, Any], Optional[dict[str, Any]]]]:
+    """Box AP (and PQ) of every ratio, each evaluated once, on one process.
+
+    The ratios are dealt round-robin over the processes (``owner_rank``): each ratio's
+    predictions are gathered on its owner only, the owners evaluate in parallel, and every
+    process gets back, per ratio, ``{"stats", "summary"}`` for the boxes and ``{"results",
+    "summary"}`` for PQ (``None`` without a panoptic evaluator).
+    """
+    for index, ratio in enumerate(ratios):
+        for evaluator in (evaluators[ratio], panoptic_evaluators.get(ratio)):
+            if evaluator is not None:
+                evaluator.synchronize_between_processes(dst=owner_rank(index))
+
+    def job(ratio: Optional[float]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        box = evaluators[ratio]
+        box.accumulate()
+        box.summarize()
+        panoptic = panoptic_evaluators.get(ratio)
+        if panoptic is None:
+            return {"stats": box.stats, "summary": box.summary}, None
+        panoptic.accumulate()
+        panoptic.summarize()
+        return {"stats": box.stats, "summary": box.summary}, {"results": panoptic.results, "summary": panoptic.summary}
+
+    return run_spread([functools.partial(job, ratio) for ratio in ratios])

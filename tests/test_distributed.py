@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo): DDP training, rank-0-only writes, and a distributed evaluation whose
-AP equals the single-process AP of the same checkpoint; two "nodes" on loopback."""
+AP equals the single-process AP of the same checkpoint; two "nodes" on loopback; the evaluation
+of several ratios spread over the processes."""
 import json
 import os
 import shutil
@@ -8,11 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import main
 from conftest import TINY_FLAGS
+from datasets.coco_eval import CocoEvaluator, coco_from_dict
+from engine import evaluate_spread
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = ["0.5", "0.8"]
@@ -130,3 +136,61 @@ def test_srun_task_without_a_rendezvous_address_is_told_what_to_set(monkeypatch,
     assert main.run(tiny_flags + ["--epochs", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--dist_url env://" in lines[0] and "MASTER_ADDR" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- evaluation spread over ranks
+EVAL_RATIOS = [0.33, 0.5, 0.8]
+
+
+def _eval_inputs() -> tuple[dict, dict[float, dict[int, dict[str, torch.Tensor]]]]:
+    """A small ground truth and, per ratio, other detections of every image (xyxy tensors)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from benchmark_eval import synthetic_eval_set
+
+    gt, rows = synthetic_eval_set(24, 3.0, 8, seed=2, crowd=0.1)
+    generator = np.random.default_rng(0)
+    predictions = {}
+    for ratio in EVAL_RATIOS:
+        jittered = rows.copy()
+        jittered[:, 1:5] += generator.normal(scale=2.0, size=(len(rows), 4))
+        jittered[:, 3:5] = np.maximum(jittered[:, 3:5], 1.0)
+        predictions[ratio] = {}
+        for image in gt["images"]:
+            mine = torch.from_numpy(jittered[jittered[:, 0] == image["id"]])
+            predictions[ratio][image["id"]] = {"boxes": torch.cat([mine[:, 1:3], mine[:, 1:3] + mine[:, 3:5]], 1),
+                                               "scores": mine[:, 5], "labels": mine[:, 6].long()}
+    return gt, predictions
+
+
+def _spread_evaluation(gt: dict, predictions: dict, rank: int, world_size: int) -> dict:
+    """``evaluate_spread`` over the images dealt to ``rank``: every ratio's stats and summary,
+    and the ratios this process evaluated itself."""
+    evaluators = {ratio: CocoEvaluator(coco_from_dict(gt), verbose=False) for ratio in EVAL_RATIOS}
+    for ratio, evaluator in evaluators.items():
+        evaluator.update({i: p for i, p in predictions[ratio].items() if i % world_size == rank})
+    results = evaluate_spread(EVAL_RATIOS, evaluators, {})
+    return {"results": [box for box, _ in results],
+            "evaluated": [ratio for ratio in EVAL_RATIOS if evaluators[ratio].coco_eval is not None],
+            "kept_images": {ratio: len(evaluators[ratio].results) for ratio in EVAL_RATIOS}}
+
+
+def _spread_worker(rank: int, world_size: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.save(_spread_evaluation(*_eval_inputs(), rank, world_size), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ratios_are_evaluated_once_each_spread_over_the_ranks(tmp_path):
+    gt, predictions = _eval_inputs()
+    single = _spread_evaluation(gt, predictions, 0, 1)
+    assert single["evaluated"] == EVAL_RATIOS
+    assert len({tuple(box["stats"]) for box in single["results"]}) == 3, "equal stats would prove nothing"
+    mp.spawn(_spread_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert ranks[0]["evaluated"] == [0.33, 0.8] and ranks[1]["evaluated"] == [0.5]
+    assert ranks[0]["kept_images"] == {0.33: 24, 0.5: 0, 0.8: 24}, "detections go to the owner only"
+    assert ranks[1]["kept_images"] == {0.33: 0, 0.5: 24, 0.8: 0}
+    for rank in ranks:
+        assert rank["results"] == single["results"]
