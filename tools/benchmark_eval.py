@@ -15,6 +15,7 @@ pycocotools by default, is the baseline), measured in the same run; the result g
 """
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -25,9 +26,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]
 
 from benchmark import Timing, measure  # noqa: E402
+from util.errors import UserError, exit_status  # noqa: E402
 
 # COCO's 80 category ids (1..90 with ten gaps).
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -146,6 +149,13 @@ LIBRARIES: dict[str, Callable[[dict[str, Any]], Callable[[np.ndarray], list[floa
     "pycocotools": _pycocotools, "faster_coco_eval": _faster_coco_eval, "hotcoco": _hotcoco}
 
 
+def check_installed(names: list[str]) -> None:
+    """``UserError`` naming the first library of ``names`` that is not installed."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"--libraries {name}: the package is not installed (pip install {name.replace('_', '-')})")
+
+
 def library_version(name: str) -> str:
     from importlib.metadata import version
 
@@ -155,6 +165,7 @@ def library_version(name: str) -> str:
 # ----------------------------------------------------------------------------- the run
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     opts = parse_args(argv)
+    check_installed(opts.libraries)
     gt, detections = synthetic_eval_set(opts.images, opts.boxes, opts.detections, opts.seed)
     print(f"{len(gt['images'])} images, {len(gt['annotations'])} ground-truth boxes "
           f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(detections)} detections; "
@@ -189,4 +200,4 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(exit_status(run))
