@@ -58,7 +58,8 @@ def synthetic_eval_set(num_images: int, boxes_per_image: float, detections_per_i
     Per image: a Poisson number of objects (so some images have none), each crowd with
     probability ``crowd``; ``detections_per_image`` detections, 80% of the objects found again
     with jittered boxes (one in ten with the wrong category), the rest random boxes, except
-    that an image has no detection at all with probability ``no_detections``.
+    that an image has no detection at all with probability ``no_detections``. As a trained
+    detector's, an image's detections name few categories: its objects' and three others.
     """
     rng = np.random.default_rng(seed)
     categories = [{"id": i, "name": f"category_{i}", "supercategory": "thing"} for i in COCO_CATEGORY_IDS]
@@ -78,10 +79,11 @@ def synthetic_eval_set(num_images: int, boxes_per_image: float, detections_per_i
                                 "iscrowd": int(crowd_box)})
         if detections_per_image == 0 or rng.uniform() < no_detections:
             continue
+        named = np.concatenate([labels, rng.choice(COCO_CATEGORY_IDS, size=3)])
         found = rng.uniform(size=count) < 0.8
         hits = boxes[found][:detections_per_image]
         jitter = rng.normal(scale=0.1, size=hits.shape) * np.concatenate([hits[:, 2:], hits[:, 2:]], axis=1)
-        hit_labels = np.where(rng.uniform(size=len(hits)) < 0.1, rng.choice(COCO_CATEGORY_IDS, size=len(hits)),
+        hit_labels = np.where(rng.uniform(size=len(hits)) < 0.1, rng.choice(named, size=len(hits)),
                               labels[found][:detections_per_image])
         misses = detections_per_image - len(hits)
         random_sizes = rng.uniform(2, min(width, height) / 2, size=(misses, 2))
@@ -92,7 +94,7 @@ def synthetic_eval_set(num_images: int, boxes_per_image: float, detections_per_i
         rows[:, 1:5] = np.concatenate([hits + jitter, random_boxes])
         rows[:, 3:5] = np.maximum(rows[:, 3:5], 1.0)
         rows[:, 5] = np.concatenate([rng.uniform(0.3, 1.0, size=len(hits)), rng.uniform(0.0, 0.6, size=misses)])
-        rows[:, 6] = np.concatenate([hit_labels, rng.choice(COCO_CATEGORY_IDS, size=misses)])
+        rows[:, 6] = np.concatenate([hit_labels, rng.choice(named, size=misses)])
         detections.append(rows)
     gt = {"images": images, "annotations": annotations, "categories": categories}
     return gt, np.concatenate(detections) if detections else np.zeros((0, 7))
