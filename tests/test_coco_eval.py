@@ -3,6 +3,7 @@ implementation, a dev requirement: that test skips without it)."""
 import contextlib
 import io
 import os
+import subprocess
 import sys
 from argparse import Namespace
 
@@ -218,3 +219,13 @@ def test_the_12_stats_equal_pycocotools(eval_set, seen):
     theirs = pycocotools_stats(gt, stored, image_ids)
     assert 0.05 < ours[0] < 0.9 and -1 not in ours
     assert ours == pytest.approx(theirs, abs=1e-9, rel=0)
+
+
+def test_the_project_needs_neither_pycocotools_nor_panopticapi():
+    """Training, evaluation (boxes and PQ), prediction and the tools import neither reference package."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import main, engine, predict, pretrain_backbone, "
+            "models.segmentation, datasets.synthetic, benchmark_eval; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pycocotools', 'panopticapi')))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
