@@ -101,54 +101,40 @@ def synthetic_eval_set(num_images: int, boxes_per_image: float, detections_per_i
 
 
 # ----------------------------------------------------------------------------- the libraries
-def _pycocotools(gt: dict[str, Any]) -> Callable[[np.ndarray], list[float]]:
+def _pycocotools(gt: dict[str, Any]) -> tuple[Any, type]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     coco_gt = COCO()
     coco_gt.dataset = gt
     coco_gt.createIndex()
-
-    def evaluate(detections: np.ndarray) -> list[float]:
-        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="bbox")
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-        return [float(s) for s in coco_eval.stats]
-    return evaluate
+    return coco_gt, COCOeval
 
 
-def _faster_coco_eval(gt: dict[str, Any]) -> Callable[[np.ndarray], list[float]]:
+def _faster_coco_eval(gt: dict[str, Any]) -> tuple[Any, type]:
     from faster_coco_eval import COCO, COCOeval_faster
 
-    coco_gt = COCO(gt)
-
-    def evaluate(detections: np.ndarray) -> list[float]:
-        coco_eval = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), iouType="bbox")
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-        return [float(s) for s in coco_eval.stats]
-    return evaluate
+    return COCO(gt), COCOeval_faster
 
 
-def _hotcoco(gt: dict[str, Any]) -> Callable[[np.ndarray], list[float]]:
+def _hotcoco(gt: dict[str, Any]) -> tuple[Any, type]:
     from hotcoco import COCO, COCOeval
 
-    coco_gt = COCO(gt)
-
-    def evaluate(detections: np.ndarray) -> list[float]:
-        coco_eval = COCOeval(coco_gt, coco_gt.load_res(detections), "bbox")
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        coco_eval.summarize()
-        return [float(s) for s in coco_eval.stats]
-    return evaluate
+    return COCO(gt), COCOeval
 
 
-# name -> builder: ground-truth dict -> (detections -> 12 stats), the index built untimed.
-LIBRARIES: dict[str, Callable[[dict[str, Any]], Callable[[np.ndarray], list[float]]]] = {
+# name -> builder: ground-truth dict -> (its index in the library, the library's COCOeval).
+LIBRARIES: dict[str, Callable[[dict[str, Any]], tuple[Any, type]]] = {
     "pycocotools": _pycocotools, "faster_coco_eval": _faster_coco_eval, "hotcoco": _hotcoco}
+
+
+def box_stats(coco_gt: Any, coco_eval_class: type, detections: np.ndarray) -> list[float]:
+    """The 12 stats of ``detections`` (``(N, 7)`` rows), with the pycocotools calls every library offers."""
+    coco_eval = coco_eval_class(coco_gt, coco_gt.loadRes(detections), iouType="bbox")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return [float(s) for s in coco_eval.stats]
 
 
 def check_installed(names: list[str]) -> None:
@@ -176,8 +162,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     evaluators = {}
     with contextlib.redirect_stdout(io.StringIO()):  # the libraries' own printing
         for name in opts.libraries:
-            evaluate = LIBRARIES[name](gt)
-            evaluators[name] = lambda evaluate=evaluate, name=name: stats.__setitem__(name, evaluate(detections))
+            index = LIBRARIES[name](gt)  # built once, untimed, as a dataset builds it
+            evaluators[name] = lambda index=index, name=name: stats.__setitem__(name, box_stats(*index, detections))
         timings = measure(evaluators, opts.repeats, 0, torch.device("cpu"))
     baseline = opts.libraries[0]
     rows = []
