@@ -22,7 +22,7 @@ from hotcoco.panoptic import PanopticEval
 
 from util.misc import all_gather, gather
 
-# eval.json names of the panopticapi results: (row name, result group, metric).
+# eval.json names of the PQ results: (row name, result group, metric).
 PQ_NAMES = [(f"{metric.upper()}{suffix}", group, metric)
             for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
             for metric in ("pq", "sq", "rq")]
@@ -36,7 +36,7 @@ def group_result(results: dict[str, Any], group: str) -> dict[str, float]:
     result = results[group]
     if not result["n"]:
         return {"pq": -1.0, "sq": -1.0, "rq": -1.0, "n": 0}
-    return {k: float(v) if k != "n" else int(v) for k, v in result.items() if k in ("pq", "sq", "rq", "n")}
+    return {"pq": float(result["pq"]), "sq": float(result["sq"]), "rq": float(result["rq"]), "n": int(result["n"])}
 
 
 def panoptic_row(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
