@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from panopticapi.utils import id2rgb
 from PIL import Image, ImageDraw
 
 from util.errors import UserError
+from util.panoptic_png import ids_to_rgb
 
 CATEGORIES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
 STUFF_CATEGORIES = ["gradient", "band", "checker"]  # ids 7, 8, 9 with --panoptic
@@ -282,7 +282,7 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
             annotations.append(annotation(mask, len(annotations) + 1, image_id, category_id))
         if panoptic:
             ids, segments = panoptic_segments(objects, stuff)
-            Image.fromarray(id2rgb(ids)).save(os.path.join(png_dir, file_name))
+            Image.fromarray(ids_to_rgb(ids)).save(os.path.join(png_dir, file_name))
             panoptic_annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": segments})
     if panoptic:
         write_panoptic_json(out, name, images, panoptic_annotations)

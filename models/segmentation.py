@@ -17,15 +17,14 @@ import io
 import math
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from panopticapi.utils import id2rgb
 from torch import Tensor, nn
 
 from util.checkpoint import load_model_weights, read_checkpoint
 from util.errors import UserError
+from util.panoptic_png import ids_to_rgb
 
 from .detr import DETR, ImageFeatures, SetCriterion, build as build_detector
 from .pnp import PollAndPoolSampler, SampledTokens
@@ -372,7 +371,7 @@ class PostProcessPanoptic(nn.Module):
                     break
                 logits, labels = logits[~small.to(logits.device)], [c for c, s in zip(labels, small.tolist()) if not s]
             buffer = io.BytesIO()
-            Image.fromarray(id2rgb(ids.numpy().astype(np.uint32))).save(buffer, format="PNG")
+            Image.fromarray(ids_to_rgb(ids.numpy())).save(buffer, format="PNG")
             results.append({"png_string": buffer.getvalue(), "segments_info": segments})
         return results
 
