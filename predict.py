@@ -19,13 +19,13 @@ from torchvision.ops import clip_boxes_to_image
 from datasets.coco import box_target, read_image, read_json_object
 from datasets.coco_eval import to_coco_results
 from datasets.transforms import make_coco_transforms
-from main import get_args_parser as training_parser
 from models import build_model
 from models.detr import ImageFeatures, PostProcess
 from models.pnp import SampledTokens
 from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
 from util.draw import PollGrid, draw_detections, draw_poll, side_by_side
 from util.errors import UserError, exit_status
+from util.flags import get_args_parser as training_parser
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 from util.onnx import OnnxDetector
 
