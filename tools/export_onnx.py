@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--check_size", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="second checked image size (default: 3/4 of --size's height by its height)")
     p.add_argument("--tolerance", default=1e-4, type=float,
-                   help="largest absolute difference to eager PyTorch accepted on any output")
+                   help="largest absolute difference to eager PyTorch accepted on any output (default: 1e-4)")
     return p
 
 
@@ -84,8 +84,15 @@ def main(args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     partial = args.out + ".partial"
     try:
-        detector = export(model, ratio, partial, first, metadata)
-        differences = max_differences(detector, session(partial), [first, second])
+        try:
+            detector = export(model, ratio, partial, first, metadata)
+            differences = max_differences(detector, session(partial), [first, second])
+        except UserError:
+            raise
+        except Exception as err:  # the exporter's errors run to many lines: keep the first
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise UserError(f"--checkpoint: torch.onnx.export could not export {args.checkpoint} "
+                            f"({type(err).__name__}: {first_line})") from None
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
