@@ -1,6 +1,7 @@
 """torch.hub entry points: ``torch.hub.load(repo_dir, 'pnp_detr_resnet50', source='local')``.
 
-Every entry point builds the published architecture for COCO (91 classes + no-object; the
+Building a model imports torch, torchvision and scipy (the matcher) only: no dataset or
+evaluation package. Every entry point builds the published architecture for COCO (91 classes + no-object; the
 panoptic ones 250, as DETR's panoptic checkpoints) and downloads nothing unless
 ``pretrained=True`` is asked for, which needs ``checkpoint_url``: the original PnP-DETR
 release published no stable weight URLs.
@@ -9,11 +10,11 @@ from typing import Optional
 
 from torch import nn
 
-from main import parse_args
 from models import build_model
 from models.detr import DETR, PostProcess
 from models.segmentation import DETRsegm, PostProcessPanoptic
 from util.checkpoint import load_model_weights, read_checkpoint
+from util.flags import parse_args
 
 dependencies = ["torch", "torchvision", "scipy"]
 
@@ -59,15 +60,20 @@ def _panoptic_entry(flags: list[str], doc: str):
 detr_resnet50 = _entry(["--no_pnp", "--backbone", "resnet50"], "DETR R50 (42.0 AP on COCO val).")
 detr_resnet50_dc5 = _entry(["--no_pnp", "--backbone", "resnet50", "--dilation"], "DETR DC5-R50 (43.3 AP).")
 detr_resnet101 = _entry(["--no_pnp", "--backbone", "resnet101"], "DETR R101 (43.5 AP).")
+detr_resnet101_dc5 = _entry(["--no_pnp", "--backbone", "resnet101", "--dilation"], "DETR DC5-R101 (44.9 AP).")
 pnp_detr_resnet50 = _entry(["--backbone", "resnet50"], "PnP-DETR R50 (41.1 AP at r=0.33, 41.8 at r=0.5).")
 pnp_detr_resnet50_dc5 = _entry(["--backbone", "resnet50", "--dilation"],
                                "PnP-DETR DC5-R50 (42.7 AP at r=0.33, 43.1 at r=0.5).")
 pnp_detr_resnet101 = _entry(["--backbone", "resnet101"], "PnP-DETR R101.")
 detr_resnet50_panoptic = _panoptic_entry(["--no_pnp", "--backbone", "resnet50"],
                                          "DETR R50 panoptic (PQ 43.4); DETR's panoptic checkpoints load into it.")
+detr_resnet50_dc5_panoptic = _panoptic_entry(["--no_pnp", "--backbone", "resnet50", "--dilation"],
+                                             "DETR DC5-R50 panoptic (PQ 44.6).")
+detr_resnet101_panoptic = _panoptic_entry(["--no_pnp", "--backbone", "resnet101"], "DETR R101 panoptic (PQ 45.1).")
 pnp_detr_resnet50_panoptic = _panoptic_entry(["--backbone", "resnet50"],
                                              "PnP-DETR R50 panoptic: the encoder memory is put back on the grid "
                                              "(GridMemory) for DETR's mask head.")
 
-__all__ = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "pnp_detr_resnet50",
-           "pnp_detr_resnet50_dc5", "pnp_detr_resnet101", "detr_resnet50_panoptic", "pnp_detr_resnet50_panoptic"]
+__all__ = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "pnp_detr_resnet50",
+           "pnp_detr_resnet50_dc5", "pnp_detr_resnet101", "detr_resnet50_panoptic", "detr_resnet50_dc5_panoptic",
+           "detr_resnet101_panoptic", "pnp_detr_resnet50_panoptic"]

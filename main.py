@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import util.misc as utils
@@ -24,171 +23,20 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco_eval import STAT_NAMES
 from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
-from datasets.transforms import AUGMENTATIONS
 from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
 from models import build_model
 from models.backbone import load_backbone_weights
-from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError, exit_status
+from util.flags import TRAIN_EVAL_RATIOS, get_args_parser, parse_args  # noqa: F401 (main.get_args_parser: the parser)
 from util.flops import CONVENTION, mean_flops
 from util.plot_utils import log_scalars, plot_tradeoff
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
 COMPILE_SIZE_DIVISIBILITY = 32  # the largest backbone stride
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("PnP-DETR", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML preset whose keys are flag names; the command line overrides it")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", default=1e-4, type=float, help="AdamW lr of the transformer, heads and sampler")
-    g.add_argument("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
-    g.add_argument("--batch_size", default=2, type=int, help="images per process")
-    g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
-    g.add_argument("--epochs", default=300, type=int, help="number of training epochs")
-    g.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr drops 10x")
-    g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (loss, matcher, post-processing stay fp32)")
-    g.add_argument("--channels_last", action="store_true",
-                   help="keep convolution weights and activations channels-last (faster oneDNN/cuDNN convolutions)")
-    g = p.add_argument_group("model")
-    g.add_argument("--frozen_weights", type=str, default=None,
-                   help="pretrained detector whose weights stay frozen (panoptic mask-head training)")
-    g.add_argument("--backbone", default="resnet50", type=str, help="resnet18, resnet34, resnet50 or resnet101")
-    g.add_argument("--backbone_weights", default="imagenet", type=str,
-                   help="'imagenet' (torchvision weights, downloaded if not cached; FrozenBatchNorm), "
-                        "'none' (from scratch: trainable BatchNorm, every stage trained) or a PATH to a ResNet state_dict")
-    g.add_argument("--backbone_last_stage", default=4, type=int, choices=(2, 3, 4),
-                   help="ResNet stage that feeds the transformer: 4 = C5 (stride 32), 3 = C4 (stride 16), 2 = C3 (stride 8)")
-    g.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage (stride 16)")
-    g.add_argument("--position_embedding", default="sine", choices=("sine", "learned", "v2", "v3"),
-                   help="sine (normalised, DETR v2) or learned (v3) position encoding")
-    g.add_argument("--enc_layers", default=6, type=int, help="transformer encoder layers")
-    g.add_argument("--dec_layers", default=6, type=int, help="transformer decoder layers")
-    g.add_argument("--dim_feedforward", default=2048, type=int, help="hidden size of the transformer FFNs")
-    g.add_argument("--hidden_dim", default=256, type=int, help="transformer width d")
-    g.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
-    g.add_argument("--nheads", default=8, type=int, help="attention heads")
-    g.add_argument("--num_queries", default=100, type=int, help="object queries (the most boxes per image)")
-    g.add_argument("--pre_norm", action="store_true", help="pre-norm transformer layers (default post-norm)")
-    g.add_argument("--masks", action="store_true",
-                   help="panoptic segmentation: add the mask head (needs --dataset_file coco_panoptic)")
-    g.add_argument("--num_classes", default=None, type=int,
-                   help="number of class logits before no-object (default: max category id + 1 of the train annotations)")
-    g = p.add_argument_group("poll-and-pool sampler")
-    g.add_argument("--no_pnp", action="store_true", help="plain DETR: no sampler")
-    g.add_argument("--sample_topk_ratio", default=1 / 3, type=float, help="poll ratio r when none is given (--eval)")
-    g.add_argument("--sample_ratio_lower_bound", default=1 / 3, type=float, help="lowest training poll ratio")
-    g.add_argument("--sample_ratio_higher_bound", default=0.8, type=float, help="highest training poll ratio")
-    g.add_argument("--unsample_abstract_number", default=0, type=int,
-                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8)")
-    g.add_argument("--score_pred_net", default="2layer-fc-256", choices=SCORE_PRED_NETS,
-                   help="poll score network: C->C->1, C->16->1 or C->1 1x1 convs")
-    g.add_argument("--kproj_net", default="1layer-fc", choices=KPROJ_NETS,
-                   help="pool key projection: C->M or C->C->M")
-    g.add_argument("--pos_embed_kproj", action="store_true", help="add position embeddings before k_proj")
-    g.add_argument("--sample_reg_loss", default=1e-4, type=float, help="weight of the sampler's score regulariser")
-    g = p.add_argument_group("loss")
-    g.add_argument("--no_aux_loss", action="store_true", help="no loss on the intermediate decoder layers")
-    g.add_argument("--set_cost_class", default=1, type=float, help="matching cost weight of the class probability")
-    g.add_argument("--set_cost_bbox", default=5, type=float, help="matching cost weight of the box L1 distance")
-    g.add_argument("--set_cost_giou", default=2, type=float, help="matching cost weight of the GIoU")
-    g.add_argument("--mask_loss_coef", default=1, type=float, help="focal mask loss weight (--masks)")
-    g.add_argument("--dice_loss_coef", default=1, type=float, help="dice mask loss weight (--masks)")
-    g.add_argument("--bbox_loss_coef", default=5, type=float, help="box L1 loss weight")
-    g.add_argument("--giou_loss_coef", default=2, type=float, help="GIoU loss weight")
-    g.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_file", default="coco",
-                   help="dataset kind: coco (any COCO-format detection dataset) or coco_panoptic (COCO panoptic)")
-    g.add_argument("--coco_path", type=str, default=None, help="COCO-format dataset root")
-    g.add_argument("--coco_panoptic_path", type=str, default=None,
-                   help="COCO panoptic root with annotations/panoptic_{train,val}2017.json and PNGs "
-                        "(--dataset_file coco_panoptic; images come from --coco_path)")
-    g.add_argument("--eval_size", default=800, type=int,
-                   help="shorter side at evaluation; training scales the published augmentation by eval_size/800")
-    g.add_argument("--augment", default="detr", choices=AUGMENTATIONS,
-                   help="training augmentation: detr (published: flip, multi-scale resize, random crop) or "
-                        "flip (flip and the evaluation resize only; learns faster from scratch)")
-    g.add_argument("--num_workers", default=2, type=int, help="data loading processes per training process")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="", help="where to save checkpoints and logs (empty: nothing is saved)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--seed", default=42, type=int, help="random seed (each epoch and process derives its own)")
-    g.add_argument("--resume", default="", help="checkpoint path or URL to resume or evaluate")
-    g.add_argument("--start_epoch", default=0, type=int, metavar="N",
-                   help="first epoch when not resuming (a resumed run continues after its checkpoint)")
-    g.add_argument("--eval", action="store_true", help="only evaluate (writes output_dir/eval.json)")
-    g.add_argument("--eval_ratios", default=None, type=float, nargs="+",
-                   help=f"poll ratios to evaluate (training: {TRAIN_EVAL_RATIOS}; --eval: --sample_topk_ratio)")
-    g.add_argument("--eval_every", default=1, type=int,
-                   help="evaluate every N epochs during training (the last epoch always)")
-    g.add_argument("--flops_images", default=100, type=int,
-                   help="--eval: mean GFLOPs over the first N val images, counted one by one (0: not counted)")
-    g.add_argument("--baseline_eval", default=None,
-                   help="--eval: a DETR run's eval.json, drawn as the reference point of output_dir/tradeoff.png")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the backbone and the transformer (the first batches compile; see docs/BENCHMARKS.md)")
-    g.add_argument("--print_freq", default=10, type=int, help="iterations between progress lines")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also log the scalars of log.txt to output_dir/tensorboard after every training epoch "
-                        "(needs the optional tensorboard package)")
-    g.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
-    return p
-
-
-def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Check and convert one preset value the way argparse would convert the flag."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
-        return value
-    if value is None:
-        return None
-    convert = action.type or str
-    try:
-        if action.nargs in ("+", "*"):
-            values = value if isinstance(value, list) else [value]
-            converted = [convert(v) for v in values]
-        else:
-            converted = convert(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: {key} has an invalid value {value!r}") from None
-    if action.choices is not None and converted not in action.choices:
-        raise UserError(f"{source}: {key} must be one of {list(action.choices)}, got {value!r}")
-    return converted
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Flags from the command line over the ``--config`` preset over the defaults."""
-    parser = get_args_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        path = pre.config
-        try:
-            with open(path) as f:
-                preset = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise UserError(f"--config: {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(preset, dict):
-            raise UserError(f"--config: {path} must hold a mapping of flag names to values")
-        actions = {a.dest: a for a in parser._actions}
-        for key, value in preset.items():
-            if key not in actions or key in ("help", "config"):
-                raise UserError(f"{path}: unknown flag {key!r} (keys are flag names without '--')")
-            preset[key] = _convert(actions[key], key, value, path)
-        parser.set_defaults(**preset)
-    return parser.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
     python predict.py --checkpoint outputs/demo/checkpoint.pth data/synthetic/val2017 \\
         --output predictions.json --draw outputs/demo/pictures --show_poll
+    python predict.py --checkpoint model.onnx data/synthetic/val2017    # written by tools/export_onnx.py
 """
 import argparse
 import json
@@ -18,14 +19,15 @@ from torchvision.ops import clip_boxes_to_image
 from datasets.coco import box_target, read_image, read_json_object
 from datasets.coco_eval import to_coco_results
 from datasets.transforms import make_coco_transforms
-from main import get_args_parser as training_parser
 from models import build_model
-from models.detr import ImageFeatures
+from models.detr import ImageFeatures, PostProcess
 from models.pnp import SampledTokens
 from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
 from util.draw import PollGrid, draw_detections, draw_poll, side_by_side
 from util.errors import UserError, exit_status
+from util.flags import get_args_parser as training_parser
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.onnx import OnnxDetector
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 BOX_FORMAT = "bbox is [x, y, width, height] in pixels of the original image (COCO), clipped to the image"
@@ -45,7 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                "train2017) when that file exists, else 'class_<id>'. The JSON holds one entry per image: "
                f"file, width, height and its detections (category_id, category, score, bbox); {BOX_FORMAT}.")
     p.add_argument("images", nargs="+", help="image files and folders (a folder: its image files, not recursive)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by main.py (path or URL)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint written by main.py (path or URL), or a .onnx file written by "
+                        "tools/export_onnx.py (run by ONNX Runtime on the CPU, one image at a time, at the "
+                        "ratio fixed at export)")
     p.add_argument("--threshold", default=0.5, type=float,
                    help="keep detections whose class score is above this (default: 0.5)")
     p.add_argument("--sample_topk_ratio", default=None, type=float,
@@ -136,6 +141,22 @@ def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
     return args
 
 
+def is_onnx(path: str) -> bool:
+    return path.lower().endswith(".onnx")
+
+
+def check_onnx_args(args: argparse.Namespace, detector: OnnxDetector) -> None:
+    """Reject flags an exported graph cannot follow (one image at a time, its ratio, no poll)."""
+    if args.batch_size != 1:
+        raise UserError(f"--batch_size {args.batch_size}: {args.checkpoint} takes one image at a time; use --batch_size 1")
+    if args.show_poll:
+        raise UserError(f"--show_poll: {args.checkpoint} is an exported graph, which returns no poll; "
+                        "draw the poll from the checkpoint")
+    if args.sample_topk_ratio is not None and args.sample_topk_ratio != detector.ratio:
+        raise UserError(f"--sample_topk_ratio {args.sample_topk_ratio}: {args.checkpoint} was exported at "
+                        f"r={detector.ratio}; export it again with tools/export_onnx.py --ratio {args.sample_topk_ratio}")
+
+
 def load_model(path: str, device: torch.device) -> tuple[nn.Module, nn.Module, argparse.Namespace]:
     """The checkpoint's model in eval mode on ``device``, its box post-processor, and its flags."""
     checkpoint = read_checkpoint(path, flag="--checkpoint")
@@ -193,12 +214,12 @@ def poll_grids(sampled: SampledTokens, features: ImageFeatures, samples: NestedT
 
 
 @torch.no_grad()
-def predict(model: nn.Module, postprocess: nn.Module, paths: list[Path], eval_size: int, ratio: Optional[float],
+def predict(model: nn.Module | OnnxDetector, postprocess: nn.Module, paths: list[Path], eval_size: int, ratio: Optional[float],
             device: torch.device, batch_size: int, with_poll: bool
             ) -> Iterator[tuple[Path, Image.Image, dict[str, torch.Tensor], Optional[PollGrid]]]:
     """Per image, in order: its path, the RGB image, the post-processed ``scores``, ``labels`` and
     ``boxes`` (xyxy, original pixels, clipped to the image) of every query, and (``with_poll``) its
-    ``PollGrid``."""
+    ``PollGrid``. ``model``: a DETR / PnP-DETR or an ``OnnxDetector`` (without ``with_poll``)."""
     transform = make_coco_transforms("val", eval_size)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
@@ -209,10 +230,13 @@ def predict(model: nn.Module, postprocess: nn.Module, paths: list[Path], eval_si
             tensors.append(tensor)
             sizes.append((tuple(target["size"].tolist()), (image.height, image.width)))
         samples = nested_tensor_from_tensor_list(tensors).to(device)
-        features = model.extract_features(samples)
-        outputs = model.predict(features, ratio)
+        if with_poll:
+            features = model.extract_features(samples)
+            outputs = model.predict(features, ratio)
+            grids = poll_grids(outputs["sampled"], features, samples, sizes)
+        else:
+            outputs, grids = model(samples, ratio), [None] * len(chunk)
         results = postprocess(outputs, torch.tensor([orig for _, orig in sizes], device=device))
-        grids = poll_grids(outputs["sampled"], features, samples, sizes) if with_poll else [None] * len(chunk)
         for path, image, result, grid in zip(chunk, images, results, grids):
             result["boxes"] = clip_boxes_to_image(result["boxes"], (image.height, image.width))
             yield path, image, {k: v.cpu() for k, v in result.items()}, grid
@@ -234,10 +258,15 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     paths = list_images(args.images)
     pictures = picture_paths(paths, args.draw) if args.draw is not None else None
-    model, postprocess, trained = load_model(args.checkpoint, device)
-    if args.show_poll and not model.uses_pnp:
-        raise UserError(f"--show_poll: {args.checkpoint} is a DETR checkpoint: it has no poll-and-pool sampler")
-    ratio = (args.sample_topk_ratio or trained.sample_topk_ratio) if model.uses_pnp else None
+    if is_onnx(args.checkpoint):
+        model, postprocess, device = OnnxDetector(args.checkpoint), PostProcess(), torch.device("cpu")
+        check_onnx_args(args, model)
+        trained, ratio = model.args, model.ratio
+    else:
+        model, postprocess, trained = load_model(args.checkpoint, device)
+        if args.show_poll and not model.uses_pnp:
+            raise UserError(f"--show_poll: {args.checkpoint} is a DETR checkpoint: it has no poll-and-pool sampler")
+        ratio = (args.sample_topk_ratio or trained.sample_topk_ratio) if model.uses_pnp else None
     names, names_from = category_names(args.categories, trained)
     if pictures is not None:
         Path(args.draw).mkdir(parents=True, exist_ok=True)

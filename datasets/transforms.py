@@ -23,6 +23,7 @@ from torch import Tensor
 
 from util.box_ops import box_xyxy_to_cxcywh
 from util.errors import UserError
+from util.flags import AUGMENTATIONS  # the --augment choices
 
 Target = dict[str, Tensor]
 Image = Any  # a PIL image before ToTensor, a (3, H, W) tensor after
@@ -231,9 +232,6 @@ class Compose:
     def __repr__(self) -> str:
         inner = "".join(f"\n    {t!r}," for t in self.transforms)
         return f"Compose([{inner}\n])"
-
-
-AUGMENTATIONS = ("detr", "flip")
 
 
 def make_coco_transforms(image_set: str, eval_size: int = 800, augment: str = "detr") -> Compose:

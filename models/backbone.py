@@ -18,7 +18,7 @@ from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
 
-__all__ = ["FrozenBatchNorm2d", "Backbone", "Joiner", "build_backbone", "load_backbone_weights", "unpadded_positions"]
+__all__ = ["FrozenBatchNorm2d", "BackboneBase", "Backbone", "Joiner", "build_backbone", "load_backbone_weights", "unpadded_positions"]
 
 _STAGE_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
@@ -54,8 +54,44 @@ class ResNetBody(nn.ModuleDict):
         return out
 
 
-class Backbone(nn.Module):
-    """A torchvision ResNet returning the last stage (and the earlier ones for masks).
+class BackboneBase(nn.Module):
+    """A torchvision ResNet's stages (``ResNetBody``) with the padding mask resized to each
+    returned stage; DETR's base class, with its signature.
+
+    Args:
+        backbone: a torchvision ResNet.
+        train_backbone: whether any parameter is trained: stages 2-4, or every one with ``train_stem``.
+        num_channels: channels of the last returned stage.
+        return_interm_layers: also return stages 1..last_stage-1 (mask head).
+        last_stage: the last stage kept (4: C5).
+        train_stem: also train the stem and stage 1 (a from-scratch backbone).
+    """
+
+    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
+                 last_stage: int = 4, train_stem: bool = False):
+        super().__init__()
+        for param_name, param in backbone.named_parameters():
+            trainable = train_backbone and (train_stem or param_name.startswith(("layer2", "layer3", "layer4")))
+            param.requires_grad_(trainable)
+        return_stages = tuple(range(1, last_stage + 1)) if return_interm_layers else (last_stage,)
+        self.body = ResNetBody(backbone, last_stage, return_stages)
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+        features = self.body(tensor_list.tensors)
+        out = {}
+        for key, x in features.items():
+            mask = tensor_list.mask
+            if mask is None:
+                mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
+            else:
+                mask = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out[key] = NestedTensor(x, mask)
+        return out
+
+
+class Backbone(BackboneBase):
+    """A torchvision ResNet by name returning the last stage (and the earlier ones for masks).
 
     Args:
         name: resnet18, resnet34, resnet50 or resnet101.
@@ -72,7 +108,6 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
                  frozen_bn: bool = True, last_stage: int = 4):
-        super().__init__()
         if name not in _STAGE_CHANNELS:
             raise UserError(f"--backbone: expected one of {sorted(_STAGE_CHANNELS)}, got {name!r}")
         if last_stage not in (2, 3, 4):
@@ -85,27 +120,11 @@ class Backbone(nn.Module):
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer,
                                                     replace_stride_with_dilation=[False, False, dilation])
-        for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and (not frozen_bn or param_name.startswith(("layer2", "layer3", "layer4")))
-            param.requires_grad_(trainable)
-        return_stages = tuple(range(1, last_stage + 1)) if return_interm_layers else (last_stage,)
-        self.body = ResNetBody(resnet, last_stage, return_stages)
+        super().__init__(resnet, train_backbone, _STAGE_CHANNELS[name][last_stage - 1], return_interm_layers,
+                         last_stage, train_stem=not frozen_bn)
         self.name = name
-        self.num_channels = _STAGE_CHANNELS[name][last_stage - 1]
         self.stage_channels = _STAGE_CHANNELS[name][:last_stage]
         self.strides = [4, 8, 16, 16 if dilation else 32][:last_stage]
-
-    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
-        features = self.body(tensor_list.tensors)
-        out = {}
-        for key, x in features.items():
-            mask = tensor_list.mask
-            if mask is None:
-                mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
-            else:
-                mask = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-            out[key] = NestedTensor(x, mask)
-        return out
 
 
 def unpadded_positions(image_sizes: list[tuple[int, int]], canvas: tuple[int, int], grid: tuple[int, int]) -> Tensor:
@@ -126,12 +145,16 @@ def unpadded_positions(image_sizes: list[tuple[int, int]], canvas: tuple[int, in
 
 
 class Joiner(nn.Sequential):
-    """Backbone followed by position encoding; returns per-stage features and encodings."""
+    """Backbone followed by position encoding; returns per-stage features and encodings.
 
-    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+    ``strides``: the backbone's, when it names them (``Backbone`` does; a ``BackboneBase``
+    around any ResNet does not).
+    """
+
+    def __init__(self, backbone: BackboneBase, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
-        self.strides = backbone.strides
+        self.strides = getattr(backbone, "strides", None)
 
     def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
         features = list(self[0](tensor_list).values())

@@ -154,7 +154,9 @@ class PollAndPoolSampler(nn.Module):
 
         # Poll: the top N_b positions by detached score; padding ranks last.
         counts = poll_counts((~pad).sum(1) if num_valid is None else num_valid, ratio)
-        num_fine = int(counts.max())                                    # reads the device only without num_valid
+        # Reads the device only without num_valid. .item(), not int(): under torch.export (ONNX) the count
+        # stays a symbolic value of the graph instead of failing as a data-dependent Python int.
+        num_fine = counts.max().item()
         num_polled = counts.to(x.device, non_blocking=True)            # (B,)
         rank_scores = scores.detach().masked_fill(pad, -1.0)
         poll_index = rank_scores.topk(num_fine, dim=1).indices          # (B, N)

@@ -262,3 +262,29 @@ def test_load_backbone_weights_of_another_depth_is_a_user_error(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     with pytest.raises(UserError, match="--backbone_weights.*another ResNet depth"):
         load_backbone_weights(Backbone("resnet18", True, False, False), str(path))
+
+
+def test_detrs_test_all_imports_and_backbone_signatures_work():
+    """DETR's test_all.py imports these names; its Backbone and BackboneBase take positional args."""
+    from hubconf import detr_resnet50, detr_resnet50_panoptic  # noqa: F401
+    from models.backbone import Backbone, BackboneBase, Joiner
+    from models.matcher import HungarianMatcher  # noqa: F401
+    from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine  # noqa: F401
+    from util import box_ops  # noqa: F401
+
+    backbone = Backbone("resnet18", True, False, False)  # name, train_backbone, return_interm_layers, dilation
+    assert isinstance(backbone, BackboneBase) and backbone.num_channels == 512
+
+    resnet = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    base = BackboneBase(resnet, True, 512, True)  # backbone, train_backbone, num_channels, return_interm_layers
+    trained = {name.split(".")[0] for name, p in base.body.named_parameters() if p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"}  # as DETR: the stem and stage 1 stay frozen
+    assert not any(p.requires_grad for p in BackboneBase(resnet, False, 512, False).parameters())
+
+    samples = nested_tensor_from_tensor_list([torch.rand(3, 64, 64), torch.rand(3, 64, 96)])
+    out = base(samples)
+    assert list(out) == ["0", "1", "2", "3"]
+    assert [o.tensors.shape[1] for o in out.values()] == [64, 128, 256, 512]
+    assert out["3"].mask.shape == (2, 2, 3) and out["3"].mask[0, :, 2].all() and not out["3"].mask[1].any()
+    features, pos = Joiner(base, PositionEmbeddingSine(16, normalize=True))(samples)
+    assert len(features) == len(pos) == 4 and pos[-1].shape == (2, 32, 2, 3)
