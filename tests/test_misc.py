@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from util.misc import (NestedTensor, SmoothedValue, collate_fn, nested_tensor_from_tensor_list,
-                       to_nested_tensor)
+                       slow_bf16_warning, to_nested_tensor)
 
 
 def _images():
@@ -153,3 +153,13 @@ def test_smoothed_value_empty_global_avg_is_zero_and_str_formats():
     meter.update(4.0)
     # torch's median of an even window is the lower middle value.
     assert str(meter) == "1.0|2.50|4"
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,warned", [(False, False, True), (True, False, False), (False, True, False)])
+def test_bf16_is_called_slow_on_cpus_without_native_bf16_only(monkeypatch, avx512_bf16, amx, warned):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    warning = slow_bf16_warning(torch.device("cpu"))
+    assert (warning is not None) == warned
+    assert warning is None or ("--amp" in warning and "slower" in warning and "\n" not in warning)
+    assert slow_bf16_warning(torch.device("cuda")) is None
