@@ -24,7 +24,7 @@ from datasets.coco_eval import STAT_NAMES
 from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
 from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
-from models import build_model
+from models import build_model, fast_path
 from models.backbone import load_backbone_weights
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
@@ -61,6 +61,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--flops_images must be 0 or more, got {args.flops_images}")
     if args.baseline_eval and not args.eval:
         raise UserError("--baseline_eval is only used with --eval")
+    if args.channels_last and args.no_channels_last:
+        raise UserError("--channels_last and --no_channels_last contradict each other: give one")
     if args.tensorboard and not args.eval and not args.output_dir:
         raise UserError("--tensorboard logs to output_dir/tensorboard: give --output_dir")
 
@@ -162,6 +164,9 @@ def main(args: argparse.Namespace) -> None:
     check_args(args)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
+    warning = utils.slow_bf16_warning(device) if args.amp else None
+    if warning:
+        print(warning)
     seed_everything(args.seed)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
@@ -189,7 +194,7 @@ def main(args: argparse.Namespace) -> None:
     model, criterion, postprocessors = build_model(args)
     if args.masks:
         postprocessors["panoptic"] = PostProcessPanoptic(dataset_val.is_thing_map)
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    fast_path(model.to(device), channels_last=not args.no_channels_last)
     criterion.to(device)
     if args.compile:  # in place: the state_dict keys stay those of the eager model
         model.backbone.compile()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from util.misc import (NestedTensor, SmoothedValue, collate_fn, gather, nested_tensor_from_tensor_list, owner_rank,
-                       run_spread, to_nested_tensor)
+                       run_spread, slow_bf16_warning, to_nested_tensor)
 
 
 def _images():
@@ -162,3 +162,13 @@ def test_one_process_owns_every_job_and_gathers_its_own_data():
     assert run_spread(jobs) == [0, 1, 4] and ran == [0, 1, 2]
     assert [owner_rank(i) for i in range(3)] == [0, 0, 0]
     assert gather({"a": 1}, dst=0) == [{"a": 1}]
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,warned", [(False, False, True), (True, False, False), (False, True, False)])
+def test_bf16_is_called_slow_on_cpus_without_native_bf16_only(monkeypatch, avx512_bf16, amx, warned):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    warning = slow_bf16_warning(torch.device("cpu"))
+    assert (warning is not None) == warned
+    assert warning is None or ("--amp" in warning and "slower" in warning and "\n" not in warning)
+    assert slow_bf16_warning(torch.device("cuda")) is None

@@ -28,9 +28,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", default=300, type=int, help="number of training epochs")
     g.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr drops 10x")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (loss, matcher, post-processing stay fp32)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (loss, matcher, post-processing stay fp32); on a CPU, faster only with "
+                        "native bf16 (AMX or AVX512-BF16): elsewhere it warns and runs slower")
     g.add_argument("--channels_last", action="store_true",
-                   help="keep convolution weights and activations channels-last (faster oneDNN/cuDNN convolutions)")
+                   help="channels-last convolutions: the default now (kept so that old commands and presets work)")
+    g.add_argument("--no_channels_last", action="store_true",
+                   help="keep the convolutions in the contiguous layout (the default is channels-last: faster "
+                        "oneDNN/cuDNN convolutions, same results up to float rounding)")
     g = p.add_argument_group("model")
     g.add_argument("--frozen_weights", type=str, default=None,
                    help="pretrained detector whose weights stay frozen (panoptic mask-head training)")
