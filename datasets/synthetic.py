@@ -422,7 +422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "patch as distractors, in the ImageFolder layout OUT/{train,val}/<shape>/*.png "
                              "(6 balanced classes). Use it with the ViT's --data_path OUT")
     args = parser.parse_args(argv)
-    defaults = {"image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS, "min_size": MIN_REL_SIZE, "max_size": MAX_REL_SIZE}
+    defaults = {"image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
+                "min_size": MIN_REL_SIZE, "max_size": MAX_REL_SIZE}
     if args.classification:
         for flag in ("max_objects", "panoptic"):
             if getattr(args, flag) not in (None, False):
