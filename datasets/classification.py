@@ -11,9 +11,13 @@ import os
 from typing import Any, Callable
 
 import numpy as np
-from timm.data import create_transform
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch import Tensor
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.functional import to_pil_image
 
 from datasets.coco import read_image
 from util.errors import UserError
@@ -56,9 +60,10 @@ def build_transform(is_training: bool, args: Any) -> Callable:
     ``rand-m9-mstd0.5-inc1``; None or "none": off), ``reprob``, ``color_jitter`` (0: off),
     ``train_interpolation`` and, where the flags define it, ``scale`` (the random crop's area
     range, timm's name; default timm's 0.08 to 1); random erasing in DeiT's pixel mode.
-    Evaluation resizes bicubic."""
+    Evaluation resizes bicubic. Both normalise with the ImageNet mean and std."""
+    normalisation = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
     if not is_training:
-        return create_transform(args.input_size, is_training=False, interpolation="bicubic")
+        return create_transform(args.input_size, is_training=False, interpolation="bicubic", **normalisation)
     if args.train_interpolation not in INTERPOLATIONS:
         raise UserError(f"--train_interpolation: expected one of {', '.join(INTERPOLATIONS)}, "
                         f"got {args.train_interpolation!r}")
@@ -72,10 +77,18 @@ def build_transform(is_training: bool, args: Any) -> Callable:
         return create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter or None,
                                 auto_augment=policy, interpolation=args.train_interpolation,
                                 re_prob=args.reprob, re_mode="pixel", re_count=1,
-                                scale=None if scale is None else tuple(scale))
+                                scale=None if scale is None else tuple(scale), **normalisation)
     except AssertionError as err:  # timm asserts on an unknown policy or policy section
         raise UserError(f"--aa: timm cannot parse the policy {args.aa!r} ({err}); expected e.g. "
                         "rand-m9-mstd0.5-inc1, or none") from None
+
+
+def input_image(tensor: Tensor) -> Image.Image:
+    """A transformed ``(3, H, W)`` image back as an RGB image (the normalisation undone): what the
+    model sees."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    return to_pil_image((tensor.float().cpu() * std + mean).clamp(0, 1))
 
 
 def build_classification_dataset(split: str, args: Any) -> ClassificationFolder:

@@ -5,11 +5,12 @@ import os
 import shutil
 from argparse import Namespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datasets.classification import build_classification_dataset, build_transform
+from datasets.classification import build_classification_dataset, build_transform, input_image
 from datasets.synthetic import CATEGORIES, generate_classification
 from util.errors import UserError
 
@@ -150,3 +151,13 @@ def test_rgb_conversion_of_grey_images(copy):
     val = build_classification_dataset("val", flags(copy))
     index = [p for p, _ in val.samples].index(path)
     assert val[index][0].shape == (3, 32, 32)
+
+
+def test_input_image_undoes_the_normalisation(image_folder):
+    val = build_classification_dataset("val", flags(image_folder, input_size=40))
+    view = input_image(val[0][0])
+    resize, crop = val.transform.transforms[:2]
+    with Image.open(val.samples[0][0]) as source:
+        expected = np.asarray(crop(resize(source.convert("RGB"))), dtype=np.int64)
+    assert view.size == (40, 40) and view.mode == "RGB"
+    assert np.abs(np.asarray(view, dtype=np.int64) - expected).max() <= 1  # 8-bit rounding only
