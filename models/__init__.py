@@ -5,11 +5,16 @@ from torch import nn
 
 from .detr import DETR, PostProcess, SetCriterion, build
 from .segmentation import DETRsegm, build as build_segmentation
+from .vit import ClassificationCriterion, PnPViT, build as build_classification
 
 
-def build_model(args: Any) -> tuple[DETR | DETRsegm, SetCriterion, dict[str, nn.Module]]:
-    """The detector, or with ``--masks`` the segmentation model wrapping it."""
+def build_model(args: Any) -> tuple[DETR | DETRsegm | PnPViT, SetCriterion | ClassificationCriterion,
+                                    dict[str, nn.Module]]:
+    """The detector, with ``--masks`` the segmentation model wrapping it, or with
+    ``--task classification`` the (PnP-)ViT."""
+    if getattr(args, "task", "detection") == "classification":
+        return build_classification(args)
     return build_segmentation(args) if args.masks else build(args)
 
 
-__all__ = ["DETR", "DETRsegm", "PostProcess", "SetCriterion", "build_model"]
+__all__ = ["ClassificationCriterion", "DETR", "DETRsegm", "PnPViT", "PostProcess", "SetCriterion", "build_model"]
