@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import main
-from conftest import TINY_FLAGS
+from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = ["0.5", "0.8"]
@@ -130,3 +130,18 @@ def test_srun_task_without_a_rendezvous_address_is_told_what_to_set(monkeypatch,
     assert main.run(tiny_flags + ["--epochs", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--dist_url env://" in lines[0] and "MASTER_ADDR" in lines[0], lines
+
+
+def test_classification_on_two_processes_with_repeated_augmentation(classification_root, tmp_path):
+    """PnP-ViT under torchrun: RepeatAugSampler shares the epoch, rank 0 writes, and the top-1
+    gathered from both ranks (4 and 2 validation images) equals one process's of the checkpoint."""
+    flags = TINY_CLASSIFICATION_FLAGS + ["--data_path", classification_root, "--repeated_aug", "--epochs", "1",
+                                         "--eval_ratios", "0.5", "--flops_images", "0"]
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    output = _finish(_torchrun(["--standalone", "--nproc_per_node=2"], flags + ["--output_dir", str(out)]))
+    assert "Epoch: [0] [1/1]" in output, "each process should run 1 of the 3 training batches (12 images, repeated)"
+    log = json.loads((out / "log.txt").read_text())
+    assert main.run(flags + ["--output_dir", str(single), "--eval", "--resume", str(out / "checkpoint.pth")]) == 0
+    (row,) = json.loads((single / "eval.json").read_text())
+    assert row["top1"] == pytest.approx(log["test_ratio_0.5_acc1"])
+    assert row["top5"] == pytest.approx(log["test_ratio_0.5_acc5"])

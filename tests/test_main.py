@@ -1,6 +1,4 @@
 """main.py end to end: train, evaluate, resume, presets and one-line errors."""
-import contextlib
-import io
 import json
 import shutil
 import sys
@@ -9,10 +7,9 @@ import pytest
 import torch
 
 import main
-from conftest import TINY_FLAGS, assert_one_line_error
+from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS, assert_one_line_error
 from datasets import build_dataset
 from datasets.coco_eval import STAT_NAMES
-from datasets.synthetic import generate_classification
 
 
 def _run(argv, capsys):
@@ -248,17 +245,9 @@ def test_compile_pads_batches_to_a_multiple_of_32_pixels(tiny_flags, compiled):
 
 
 # ----------------------------------------------------------------------------- classification
-@pytest.fixture(scope="module")
-def classification_flags(tmp_path_factory) -> list[str]:
-    """A tiny PnP-ViT on a tiny synthetic ImageFolder (12 train / 6 val images, 6 classes), with
-    DeiT's augmentation, Mixup / CutMix and a cosine schedule with warm-up."""
-    root = str(tmp_path_factory.mktemp("synthetic_cls"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        generate_classification(root, num_train=12, num_val=6, image_size=40, seed=0)
-    return ["--task", "classification", "--data_path", root, "--vit_arch", "demo", "--input_size", "32",
-            "--patch_size", "8", "--pnp_after_block", "1", "--unsample_abstract_number", "3", "--batch_size", "4",
-            "--lr", "1e-3", "--weight_decay", "0.05", "--lr_schedule", "cosine", "--warmup_epochs", "1",
-            "--num_workers", "0", "--device", "cpu", "--print_freq", "100", "--flops_images", "2"]
+@pytest.fixture
+def classification_flags(classification_root) -> list[str]:
+    return TINY_CLASSIFICATION_FLAGS + ["--data_path", classification_root]
 
 
 class _Interrupted(Exception):
