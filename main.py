@@ -1,8 +1,9 @@
-"""Train or evaluate DETR / PnP-DETR.
+"""Train or evaluate DETR / PnP-DETR (detection) or ViT / PnP-ViT (``--task classification``).
 
     python main.py --config configs/demo.yaml                # train the CPU demo
     python main.py --config configs/demo.yaml --eval --eval_ratios 0.33 0.5 0.8
     torchrun --nproc_per_node=8 main.py --config configs/pnp_detr_r50.yaml --coco_path /data/coco
+    torchrun --nproc_per_node=8 main.py --config configs/deit_small_pnp.yaml --data_path /data/imagenet
 """
 import argparse
 import datetime
@@ -12,20 +13,26 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from timm.data import Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.classification import build_classification_dataset
 from datasets.coco_eval import STAT_NAMES
 from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
-from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
+from engine import BatchTransform, NonFiniteLossError, evaluate, evaluate_classification, ratio_key, train_one_epoch
 from models import build_model, fast_path
 from models.backbone import load_backbone_weights
+from models.vit import load_vit_weights, vit_state_dict
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError, exit_status
@@ -65,6 +72,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--channels_last and --no_channels_last contradict each other: give one")
     if args.tensorboard and not args.eval and not args.output_dir:
         raise UserError("--tensorboard logs to output_dir/tensorboard: give --output_dir")
+    if args.task == "classification":
+        for flag in ("masks", "compile", "channels_last"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag} is a detection flag; --task classification does not use it")
+        if not args.data_path:
+            raise UserError("--task classification needs --data_path (an ImageFolder root with train/ and val/)")
+        if not args.eval and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+            raise UserError(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
 
 
 def seed_everything(seed: int) -> None:
@@ -78,8 +93,13 @@ def epoch_seed(args: argparse.Namespace, epoch: int) -> int:
     return args.seed + 1000 * epoch + utils.get_rank()
 
 
-def eval_rows(stats: dict[str, Any], ratios: list[Optional[float]]) -> list[dict[str, Any]]:
-    """One ``{"ratio": r, "AP": ..., ...}`` row per ratio from ``evaluate``'s stats."""
+def eval_rows(stats: dict[str, Any], ratios: list[Optional[float]], task: str = "detection") -> list[dict[str, Any]]:
+    """One ``{"ratio": r, "AP": ..., ...}`` row per ratio from ``evaluate``'s stats, or with
+    ``task="classification"`` one ``{"ratio": r, "top1": %, "top5": %, ...}`` row from
+    ``evaluate_classification``'s."""
+    if task == "classification":
+        return [{"ratio": r, "top1": stats[f"{ratio_key(r)}acc1"], "top5": stats[f"{ratio_key(r)}acc5"],
+                 "images_per_s": stats[f"{ratio_key(r)}images_per_s"]} for r in ratios]
     rows = []
     for r in ratios:
         values = stats[f"{ratio_key(r)}coco_eval_bbox"]
@@ -92,38 +112,43 @@ def eval_rows(stats: dict[str, Any], ratios: list[Optional[float]]) -> list[dict
 
 def add_flops(rows: list[dict[str, Any]], model: torch.nn.Module, dataset, num_images: int,
               device: torch.device) -> None:
-    """Add to each row the mean ``gflops`` (whole model) and ``gflops_transformer`` per image
-    over the first ``num_images`` images of ``dataset``, each counted alone (batch 1)."""
+    """Add to each row the mean ``gflops`` (whole model) and, for a detector, ``gflops_transformer``
+    per image over the first ``num_images`` images of ``dataset``, each counted alone (batch 1)."""
     images = (dataset[i][0].to(device) for i in range(min(num_images, len(dataset))))
     flops = mean_flops(model, images, [row["ratio"] for row in rows])
     for row in rows:
         row["gflops"] = flops[row["ratio"]].total
-        row["gflops_transformer"] = flops[row["ratio"]].transformer
+        if flops[row["ratio"]].transformer is not None:
+            row["gflops_transformer"] = flops[row["ratio"]].transformer
 
 
-def read_baseline(path: str) -> list[dict[str, Any]]:
-    """The rows of a (DETR) ``eval.json`` for the trade-off plot; each needs ``AP`` and ``gflops``."""
+def read_baseline(path: str, metric: str = "AP") -> list[dict[str, Any]]:
+    """The rows of a (DETR / ViT) ``eval.json`` for the trade-off plot; each needs ``metric``
+    (``AP`` or ``top1``) and ``gflops``."""
     try:
         rows = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"--baseline_eval: {path} does not exist") from None
     except json.JSONDecodeError:
         raise UserError(f"--baseline_eval: {path} is not JSON") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"AP", "gflops"} <= set(r) for r in rows):
-        raise UserError(f"--baseline_eval: {path} must be an eval.json whose rows have AP and gflops "
-                        "(written by --eval with --flops_images > 0)")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {metric, "gflops"} <= set(r) for r in rows):
+        raise UserError(f"--baseline_eval: {path} must be an eval.json whose rows have {metric} and gflops "
+                        "(written by --eval with --flops_images > 0, for the same --task)")
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The AP columns, then GFLOPs and img/s where the rows have them."""
-    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    """The AP columns (detection) or top-1 / top-5 in % (classification), then GFLOPs and img/s
+    where the rows have them."""
+    detection = "AP" in rows[0]
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"] if detection else ["top1", "top5"]
+    number = "{:6.3f}" if detection else "{:6.2f}"
     extras = [(key, title) for key, title in (("gflops", "GFLOPs"), ("images_per_s", "img/s")) if key in rows[0]]
     lines = ["ratio  " + "  ".join(f"{n:>6}" for n in names) + "".join(f"  {title:>7}" for _, title in extras)]
     for row in rows:
-        ratio = "DETR " if row["ratio"] is None else f"{row['ratio']:<5g}"
-        lines.append(f"{ratio}  " + "  ".join(f"{row[n]:6.3f}" for n in names)
-                     + "".join(f"  {row[key]:7.2f}" for key, _ in extras))
+        ratio = f"{'DETR' if detection else 'ViT':<5}" if row["ratio"] is None else f"{row['ratio']:<5g}"
+        lines.append(f"{ratio}  " + "  ".join(number.format(row[n]) for n in names)
+                     + "".join(f"  {row[key]:7.{3 if key == 'gflops' and not detection else 2}f}" for key, _ in extras))
     return "\n".join(lines)
 
 
@@ -142,22 +167,91 @@ def tensorboard_writer(args: argparse.Namespace, output_dir: Optional[Path]) -> 
     return SummaryWriter(str(output_dir / "tensorboard")) if utils.is_main_process() else None
 
 
+def build_datasets(args: argparse.Namespace) -> tuple[Optional[Dataset], Dataset]:
+    """The training split (None with ``--eval``) and the validation split of ``--task``'s data."""
+    build = build_classification_dataset if args.task == "classification" else build_dataset
+    dataset_val = build("val", args)
+    return (None if args.eval else build("train", args)), dataset_val
+
+
 def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple[Optional[DataLoader], DataLoader]:
-    # Compiled, batches are padded to a multiple of the largest backbone stride: fewer shapes to
-    # compile, and exact feature sizes (torch 2.14's compiled backward failed at odd ones).
-    collate_fn = functools.partial(utils.collate_fn, size_divisibility=COMPILE_SIZE_DIVISIBILITY if args.compile else 1)
+    # Detection pads images to a NestedTensor; compiled, batches are padded to a multiple of the
+    # largest backbone stride: fewer shapes to compile, and exact feature sizes (torch 2.14's
+    # compiled backward failed at odd ones). Classification images share one size: stacked.
+    collate_fn = None
+    if args.task == "detection":
+        collate_fn = functools.partial(utils.collate_fn,
+                                       size_divisibility=COMPILE_SIZE_DIVISIBILITY if args.compile else 1)
     batches_val = ShardedBatchSampler(len(dataset_val), args.batch_size, utils.get_rank(), utils.get_world_size())
     loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=collate_fn,
                             num_workers=args.num_workers)
     if dataset_train is None:
         return None, loader_val
-    sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)
+    if args.task == "classification" and args.repeated_aug:
+        sampler_train = RepeatAugSampler(dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank())
+    else:
+        sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)
     batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset_train)} training images")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
                               num_workers=args.num_workers)
     return loader_train, loader_val
+
+
+def build_optimizer(args: argparse.Namespace, model: torch.nn.Module,
+                    steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and the lr schedule of ``--lr_schedule`` (cosine: updated every iteration).
+
+    Detection: one group at ``--lr`` and the backbone's at ``--lr_backbone``. Classification
+    (DeiT): no weight decay on biases, norms, the position embedding and the class token.
+    """
+    if args.task == "classification":
+        param_groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=("pos_embed", "cls_token"))
+    else:
+        param_groups = [
+            {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
+            {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
+             "lr": args.lr_backbone},
+        ]
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    if args.lr_schedule == "cosine":
+        return optimizer, CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
+                                            warmup_t=args.warmup_epochs * steps_per_epoch,
+                                            warmup_lr_init=args.warmup_lr, t_in_epochs=False)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+
+def lr_steps(lr_scheduler: Any, epoch: int, steps_per_epoch: int) -> tuple[Optional[Callable[[int], None]], Callable[[], None]]:
+    """The per-iteration and the end-of-epoch updates of the lr schedule: timm's cosine schedule
+    sets the lr of every iteration from the update count; torch's StepLR counts epochs."""
+    if isinstance(lr_scheduler, CosineLRScheduler):
+        return (lambda step: lr_scheduler.step_update(epoch * steps_per_epoch + step)), (lambda: None)
+    return None, lr_scheduler.step
+
+
+def batch_transform(args: argparse.Namespace) -> Optional[BatchTransform]:
+    """timm's Mixup / CutMix for classification training with ``--mixup`` or ``--cutmix``, else None."""
+    if args.task != "classification" or (args.mixup <= 0 and args.cutmix <= 0):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                 num_classes=args.num_classes)
+
+
+def run_evaluation(args: argparse.Namespace, model: torch.nn.Module, criterion: torch.nn.Module,
+                   postprocessors: dict[str, torch.nn.Module], loader_val: DataLoader, base_ds: Any,
+                   device: torch.device, ratios: list[Optional[float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The stats of the task's evaluation at ``ratios`` and their ``eval.json`` rows."""
+    if args.task == "classification":
+        stats = evaluate_classification(model, loader_val, device, ratios, args.amp)
+    else:
+        stats = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, ratios, args.amp)
+    return stats, eval_rows(stats, ratios, args.task)
+
+
+def model_name(args: argparse.Namespace, uses_pnp: bool) -> str:
+    name = "ViT" if args.task == "classification" else "DETR"
+    return f"PnP-{name}" if uses_pnp else name
 
 
 def main(args: argparse.Namespace) -> None:
@@ -179,8 +273,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"resuming from {resume}")
     checkpoint = read_checkpoint(resume) if resume else None
 
-    dataset_val = build_dataset("val", args)
-    dataset_train = None if args.eval else build_dataset("train", args)
+    dataset_train, dataset_val = build_datasets(args)
     if args.num_classes is None:
         saved = checkpoint.get("args") if checkpoint is not None else None
         saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
@@ -189,7 +282,7 @@ def main(args: argparse.Namespace) -> None:
         else:
             args.num_classes = (dataset_val if args.eval else dataset_train).num_classes
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-    base_ds = get_coco_api_from_dataset(dataset_val)
+    base_ds = get_coco_api_from_dataset(dataset_val) if args.task == "detection" else None
 
     model, criterion, postprocessors = build_model(args)
     if args.masks:
@@ -204,15 +297,8 @@ def main(args: argparse.Namespace) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f"{'PnP-DETR' if model_without_ddp.uses_pnp else 'DETR'}: {n_parameters:,} trainable parameters")
-
-    param_groups = [
-        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" in n and p.requires_grad],
-         "lr": args.lr_backbone},
-    ]
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    print(f"{model_name(args, model_without_ddp.uses_pnp)}: {n_parameters:,} trainable parameters")
+    optimizer, lr_scheduler = build_optimizer(args, model_without_ddp, len(loader_train) if loader_train else 1)
 
     if checkpoint is not None:
         for note in load_model_weights(model_without_ddp, checkpoint["model"], resume):
@@ -220,10 +306,16 @@ def main(args: argparse.Namespace) -> None:
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            lr_scheduler.step_size = args.lr_drop
+            if isinstance(lr_scheduler, torch.optim.lr_scheduler.StepLR):
+                lr_scheduler.step_size = args.lr_drop
             args.start_epoch = checkpoint["epoch"] + 1
     elif args.frozen_weights is not None:  # a resumed --masks run holds its detector already
         load_frozen_detector(model_without_ddp, args.frozen_weights)
+    elif not args.eval and args.task == "classification":
+        if args.vit_weights != "none":
+            state_dict = vit_state_dict(args.vit_weights, args.vit_arch)
+            for note in load_vit_weights(model_without_ddp, state_dict, f"--vit_weights {args.vit_weights}"):
+                print(note)
     elif not args.eval:
         load_backbone_weights(model_without_ddp.backbone[0], args.backbone_weights)
 
@@ -232,9 +324,9 @@ def main(args: argparse.Namespace) -> None:
         ratios = (args.eval_ratios or [args.sample_topk_ratio]) if pnp else [None]
         if not resume:
             print("warning: evaluating a model with untrained weights (no --resume and no checkpoint in --output_dir)")
-        baseline = read_baseline(args.baseline_eval) if args.baseline_eval else None
-        stats = evaluate(model_without_ddp, criterion, postprocessors, loader_val, base_ds, device, ratios, args.amp)
-        rows = eval_rows(stats, ratios)
+        metric = "top1" if args.task == "classification" else "AP"
+        baseline = read_baseline(args.baseline_eval, metric) if args.baseline_eval else None
+        _, rows = run_evaluation(args, model_without_ddp, criterion, postprocessors, loader_val, base_ds, device, ratios)
         if utils.is_main_process():
             if args.flops_images > 0:
                 add_flops(rows, model_without_ddp, dataset_val, args.flops_images, device)
@@ -243,7 +335,7 @@ def main(args: argparse.Namespace) -> None:
             if output_dir is not None:
                 (output_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
                 if args.flops_images > 0:
-                    plot_tradeoff(rows, output_dir / "tradeoff.png", baseline)
+                    plot_tradeoff(rows, output_dir / "tradeoff.png", baseline, metric, model_name(args, False))
         return
 
     ratios = (args.eval_ratios or TRAIN_EVAL_RATIOS) if pnp else [None]
@@ -252,20 +344,23 @@ def main(args: argparse.Namespace) -> None:
         print(f"nothing to train: the checkpoint already holds epoch {args.start_epoch - 1} of --epochs {args.epochs}")
     else:
         print(f"training epochs {args.start_epoch}..{args.epochs - 1}")
+    mix = batch_transform(args)
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         seed_everything(epoch_seed(args, epoch))
-        if args.distributed:
+        if hasattr(loader_train.batch_sampler.sampler, "set_epoch"):  # distributed, or repeated augmentation
             loader_train.batch_sampler.sampler.set_epoch(epoch)
+        before_step, end_epoch = lr_steps(lr_scheduler, epoch, len(loader_train))
         try:
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
                                           args.clip_max_norm, ratio_bounds, args.amp, args.print_freq,
-                                          rng=random.Random(epoch_seed(args, epoch)))
+                                          rng=random.Random(epoch_seed(args, epoch)), batch_transform=mix,
+                                          before_step=before_step)
         except NonFiniteLossError as err:
             kept = output_dir / "checkpoint.pth" if output_dir is not None else None
             where = f"; the last good checkpoint is {kept}" if kept is not None and kept.exists() else ""
             raise NonFiniteLossError(f"training stopped: {err}{where}") from None
-        lr_scheduler.step()
+        end_epoch()
         if args.distributed:  # each rank's last step updated its own BatchNorm statistics: keep rank 0's
             for buffer in model_without_ddp.buffers():
                 torch.distributed.broadcast(buffer, src=0)
@@ -280,11 +375,11 @@ def main(args: argparse.Namespace) -> None:
                      "n_parameters": n_parameters}
         last = epoch == args.epochs - 1
         if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            test_stats = evaluate(model_without_ddp, criterion, postprocessors, loader_val, base_ds, device,
-                                  ratios, args.amp)
+            test_stats, rows = run_evaluation(args, model_without_ddp, criterion, postprocessors, loader_val,
+                                              base_ds, device, ratios)
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if utils.is_main_process():
-                print(format_table(eval_rows(test_stats, ratios)))
+                print(format_table(rows))
         if output_dir is not None and utils.is_main_process():
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")

@@ -1,7 +1,8 @@
-"""Submit a PnP-DETR run to Slurm through submitit: one process per GPU, on one or more nodes.
+"""Submit a PnP-DETR or PnP-ViT run to Slurm through submitit: one process per GPU, on one or more nodes.
 
     python run_with_submitit.py --nodes 2 --ngpus 8 --config configs/pnp_detr_r50.yaml --coco_path /data/coco
     python run_with_submitit.py --ngpus 0 --tasks_per_node 2 --cpus_per_task 1 --config configs/demo.yaml
+    python run_with_submitit.py --nodes 2 --ngpus 8 --config configs/deit_small_pnp.yaml --data_path /data/imagenet
 
 The flags below belong to this launcher; every other flag goes to main.py unchanged. The
 processes meet at the job's first node on a port derived from the job id. Slurm signals the

@@ -12,8 +12,14 @@ image, a checkered patch; the rest is the gradient) from a random stream of thei
 shapes, their placement and the boxes are the same as without; the COCO panoptic annotations
 (things = the shapes, stuff = gradient, band, checker) are written beside the detection ones.
 
+With ``--classification`` it writes an image classification set in the ImageFolder layout
+(``train/<shape>/*.png``, ``val/<shape>/*.png``) instead: square images (64 pixels by default)
+on the same cluttered background, with the panoptic stuff regions (a band, a checkered patch) as
+distractors and one shape of 25% to 37.5% of the side, so most of each image is redundant.
+
     python -m datasets.synthetic --out data/shapes --num_train 5000 --num_val 200
     python -m datasets.synthetic --out data/shapes_panoptic --panoptic
+    python -m datasets.synthetic --classification --out data/synthetic_cls --num_train 3000 --num_val 600
 """
 from __future__ import annotations
 
@@ -41,6 +47,10 @@ CHECKER_CELL = (3, 7)  # pixels
 MAX_OBJECTS = 4
 MIN_REL_SIZE, MAX_REL_SIZE = 0.15, 0.6  # object size / shorter image side (uniform)
 IMAGE_SIZE = 96
+# --classification: one shape of 25% to 37.5% of a 64-pixel square image (16 to 24 pixels), so it
+# covers about 2% to 14% of the pixels and 9 to 16 of the 64 patches of 8 x 8: the rest is clutter.
+CLASSIFICATION_IMAGE_SIZE = 64
+CLASSIFICATION_MIN_REL_SIZE, CLASSIFICATION_MAX_REL_SIZE = 0.25, 0.375
 MIN_VISIBLE = 0.6  # fraction of an object's pixels that later objects must leave visible
 PLACEMENT_TRIES = 20
 MIN_COLOUR_DISTANCE = 90.0  # RGB distance between a shape and the background under it
@@ -209,11 +219,30 @@ def render_panoptic_image(rng: np.random.Generator, stuff_rng: Optional[np.rando
         owner[mask] = len(categories)
         categories.append(category)
         full_areas.append(int(mask.sum()))
-    image = np.clip(image + rng.normal(0, NOISE_STD, size=image.shape), 0, 255)
     objects = [(category, owner == index) for index, category in enumerate(categories)]
     if stuff is not None:
         stuff[owner >= 0] = 0
-    return np.round(image).astype(np.uint8), objects, stuff
+    return add_noise(rng, image), objects, stuff
+
+
+def add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """``image`` (float ``(H, W, 3)``) plus pixel noise, as uint8."""
+    image = np.clip(image + rng.normal(0, NOISE_STD, size=image.shape), 0, 255)
+    return np.round(image).astype(np.uint8)
+
+
+def render_classification_image(rng: np.random.Generator, stuff_rng: np.random.Generator, category: int,
+                                image_size: int, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """One uint8 ``(image_size, image_size, 3)`` image holding one shape of ``category`` (1-based,
+    size drawn from ``layout``) on the detection set's cluttered background, its stuff regions
+    painted over it (a band, a checkered patch: distractors, see ``render_stuff``), and the
+    shape's bool ``(image_size, image_size)`` mask."""
+    image = background(rng, image_size, image_size)
+    render_stuff(stuff_rng, image)
+    owner = np.full((image_size, image_size), -1, dtype=np.int64)
+    mask = place_shape(rng, category, owner, [], layout)  # alone in the image, its first try fits
+    image[mask] = contrasting_colour(rng, image[mask].mean(axis=0))
+    return add_noise(rng, image), mask
 
 
 def annotation(mask: np.ndarray, ann_id: int, image_id: int, category_id: int) -> dict[str, Any]:
@@ -300,15 +329,21 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
     return len(annotations)
 
 
+def check_flags(num_train: int, num_val: int, image_size: int, layout: Layout, least_images: int = 0) -> None:
+    """``UserError`` naming the flag if an image count is under ``least_images``, the images are
+    too small or the layout is impossible."""
+    if num_train < least_images or num_val < least_images:
+        raise UserError(f"--num_train/--num_val must be >= {least_images}, got {num_train}/{num_val}")
+    if image_size < 32:
+        raise UserError(f"--image_size must be at least 32 pixels, got {image_size}")
+    layout.check()
+
+
 def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int, panoptic: bool = False,
              layout: Layout = Layout()) -> None:
     """Write the dataset under ``out`` (COCO layout; ``panoptic``: also COCO panoptic) and print a
     one-line summary."""
-    if num_train < 0 or num_val < 0:
-        raise UserError(f"--num_train/--num_val must be >= 0, got {num_train}/{num_val}")
-    if image_size < 32:
-        raise UserError(f"--image_size must be at least 32 pixels, got {image_size}")
-    layout.check()
+    check_flags(num_train, num_val, image_size, layout)
     start = time.time()
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
     objects = [write_split(out, split, name, count, image_size, seed, panoptic, layout)
@@ -321,6 +356,34 @@ def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int,
           f"objects, {classes}, written to {out} in {time.time() - start:.1f}s")
 
 
+def write_classification_split(out: str, split: int, name: str, num_images: int, image_size: int, seed: int,
+                               layout: Layout) -> None:
+    """Write ``out/{name}/<class name>/{index:06d}.png``; image ``index`` shows class
+    ``index % 6``, so the classes are balanced."""
+    for class_name in CATEGORIES:
+        os.makedirs(os.path.join(out, name, class_name), exist_ok=True)
+    for index in range(num_images):
+        category = index % len(CATEGORIES) + 1
+        rng = np.random.default_rng([seed, split, index])
+        stuff_rng = np.random.default_rng([seed, split, index, 1])
+        pixels, _ = render_classification_image(rng, stuff_rng, category, image_size, layout)
+        Image.fromarray(pixels).save(os.path.join(out, name, CATEGORIES[category - 1], f"{index:06d}.png"))
+
+
+def generate_classification(out: str, num_train: int, num_val: int, image_size: int = CLASSIFICATION_IMAGE_SIZE,
+                            seed: int = 0, layout: Layout = Layout(1, CLASSIFICATION_MIN_REL_SIZE,
+                                                                   CLASSIFICATION_MAX_REL_SIZE)) -> None:
+    """Write the classification dataset under ``out`` (ImageFolder layout: ``train/<class>/``,
+    ``val/<class>/``; every class in both, so at least one image of each per split) and print a
+    one-line summary. ``layout.max_objects`` is not used: every image holds one shape."""
+    check_flags(num_train, num_val, image_size, layout, least_images=len(CATEGORIES))
+    start = time.time()
+    for split, (name, count) in enumerate([("train", num_train), ("val", num_val)]):
+        write_classification_split(out, split, name, count, image_size, seed, layout)
+    print(f"synthetic shapes classification: {num_train} train / {num_val} val images of "
+          f"{image_size}x{image_size}, {len(CATEGORIES)} classes, written to {out} in {time.time() - start:.1f}s")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m datasets.synthetic",
@@ -330,29 +393,52 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "OUT/{train,val}2017/*.png. Use it with --coco_path OUT. Image sides are drawn "
                     "in [0.75, 1] x --image_size; 0 to --max_objects objects per image, their size "
                     "uniform in [--min_size, --max_size] x the shorter side. Labels are the category "
-                    "ids, so num_classes is 7. The same flags give byte-identical files.")
+                    "ids, so num_classes is 7. With --classification: an ImageFolder image "
+                    "classification set instead (see that flag). The same flags give byte-identical files.")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--num_train", type=int, default=1000, help="training images (default 1000)")
     parser.add_argument("--num_val", type=int, default=200, help="validation images (default 200)")
-    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE,
-                        help=f"largest image side in pixels (default {IMAGE_SIZE})")
+    parser.add_argument("--image_size", type=int,
+                        help=f"largest image side in pixels (default {IMAGE_SIZE}; with --classification "
+                             f"the side of the square images, default {CLASSIFICATION_IMAGE_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--max_objects", type=int, default=MAX_OBJECTS,
-                        help=f"most objects in one image (default {MAX_OBJECTS})")
-    parser.add_argument("--min_size", type=float, default=MIN_REL_SIZE,
-                        help=f"smallest object size / shorter image side (default {MIN_REL_SIZE})")
-    parser.add_argument("--max_size", type=float, default=MAX_REL_SIZE,
-                        help=f"largest object size / shorter image side (default {MAX_REL_SIZE})")
+    parser.add_argument("--max_objects", type=int,
+                        help=f"most objects in one image (default {MAX_OBJECTS}; not with --classification)")
+    parser.add_argument("--min_size", type=float,
+                        help=f"smallest object size / shorter image side (default {MIN_REL_SIZE}; "
+                             f"with --classification {CLASSIFICATION_MIN_REL_SIZE})")
+    parser.add_argument("--max_size", type=float,
+                        help=f"largest object size / shorter image side (default {MAX_REL_SIZE}; "
+                             f"with --classification {CLASSIFICATION_MAX_REL_SIZE})")
     parser.add_argument("--panoptic", action="store_true",
                         help="also paint stuff regions (a band, a checkered patch; the rest is the "
                              "gradient: category ids 7-9, isthing 0) and write COCO panoptic annotations: "
                              "OUT/annotations/panoptic_{train,val}2017.json and PNGs in "
                              "OUT/annotations/panoptic_{train,val}2017/ (num_classes 10). Use it with "
                              "--dataset_file coco_panoptic --coco_path OUT --coco_panoptic_path OUT")
+    parser.add_argument("--classification", action="store_true",
+                        help="write an image classification set instead: square images holding one "
+                             "shape each on the same cluttered background, with a band and a checkered "
+                             "patch as distractors, in the ImageFolder layout OUT/{train,val}/<shape>/*.png "
+                             "(6 balanced classes). Use it with the ViT's --data_path OUT")
     args = parser.parse_args(argv)
+    defaults = {"image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
+                "min_size": MIN_REL_SIZE, "max_size": MAX_REL_SIZE}
+    if args.classification:
+        for flag in ("max_objects", "panoptic"):
+            if getattr(args, flag) not in (None, False):
+                parser.error(f"--{flag} does not apply to --classification (one shape per image)")
+        defaults = {"image_size": CLASSIFICATION_IMAGE_SIZE, "max_objects": 1,
+                    "min_size": CLASSIFICATION_MIN_REL_SIZE, "max_size": CLASSIFICATION_MAX_REL_SIZE}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    layout = Layout(args.max_objects, args.min_size, args.max_size)
     try:
-        generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic,
-                 Layout(args.max_objects, args.min_size, args.max_size))
+        if args.classification:
+            generate_classification(args.out, args.num_train, args.num_val, args.image_size, args.seed, layout)
+        else:
+            generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic, layout)
     except UserError as err:
         parser.error(str(err))
 

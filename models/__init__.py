@@ -1,5 +1,5 @@
 """Model zoo entry point: ``build_model(args) -> (model, criterion, postprocessors)``."""
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -7,9 +7,19 @@ from torch import nn
 from .detr import DETR, PostProcess, SetCriterion, build
 from .segmentation import DETRsegm, build as build_segmentation
 
+if TYPE_CHECKING:
+    from .vit import ClassificationCriterion, PnPViT
 
-def build_model(args: Any) -> tuple[DETR | DETRsegm, SetCriterion, dict[str, nn.Module]]:
-    """The detector, or with ``--masks`` the segmentation model wrapping it."""
+
+def build_model(args: Any) -> tuple["DETR | DETRsegm | PnPViT", "SetCriterion | ClassificationCriterion",
+                                    dict[str, nn.Module]]:
+    """The detector, with ``--masks`` the segmentation model wrapping it, or with
+    ``--task classification`` the (PnP-)ViT (imported here: the detectors and the hub models
+    need no timm)."""
+    if getattr(args, "task", "detection") == "classification":
+        from .vit import build as build_classification
+
+        return build_classification(args)
     return build_segmentation(args) if args.masks else build(args)
 
 

@@ -1,8 +1,9 @@
-"""The poll-and-pool (PnP) sampler of PnP-DETR.
+"""The poll-and-pool (PnP) sampler of PnP-DETR, shared by the detector and PnP-ViT.
 
-It turns a projected feature map of ``L = H * W`` positions into ``N`` fine tokens (the
-positions a score network polls as most informative) and ``M`` coarse tokens (the rest,
-pooled by learned attention), so the transformer works on ``N + M`` tokens instead of ``L``.
+It turns ``L`` positions (a projected feature map of ``L = H * W`` positions, or a ViT's ``L``
+patch tokens) into ``N`` fine tokens (the positions a score network polls as most informative)
+and ``M`` coarse tokens (the rest, pooled by learned attention), so the transformer works on
+``N + M`` tokens instead of ``L``.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -20,10 +21,11 @@ class SampledTokens:
     """What the sampler hands to the transformer (``N`` = max_b N_b, ``M`` coarse tokens).
 
     tokens: ``(B, N + M, C)``, fine tokens first (in descending score order), then coarse.
-    pos: ``(B, N + M, C)`` position embeddings of the tokens.
+    pos: ``(B, N + M, C)`` position embeddings of the tokens; None when the sampler got none
+        (ViT tokens carry their position embedding in their features).
     key_padding_mask: ``(B, N + M)`` bool, True where a slot is padding (fine slots beyond
         ``N_b``; coarse slots of an image whose pool is empty, i.e. ratio 1).
-    poll_index: ``(B, N)`` flattened position (``y * W + x``) of each fine slot.
+    poll_index: ``(B, N)`` flattened position (``y * W + x``, or the token index) of each fine slot.
     num_polled: ``(B,)`` N_b, the number of real fine tokens per image.
     pool_weights: ``(B, M, L)`` each coarse token's weights over positions (0 on polled
         and padded positions; every row sums to 1, or to 0 when the pool is empty).
@@ -32,7 +34,7 @@ class SampledTokens:
     """
 
     tokens: Tensor
-    pos: Tensor
+    pos: Optional[Tensor]
     key_padding_mask: Tensor
     poll_index: Tensor
     num_polled: Tensor
@@ -111,7 +113,7 @@ class PollAndPoolSampler(nn.Module):
     instead of ``L``), which is the same function at a fraction of the cost.
 
     Args:
-        dim: channels ``C`` of the feature map.
+        dim: channels ``C`` of the feature map or tokens.
         num_coarse: ``M``, the number of pooled tokens.
         default_ratio: ``r`` used when ``forward`` gets none.
         score_pred_net: ``2layer-fc-256`` (C->C->1), ``2layer-fc-16`` (C->16->1) or ``1layer-fc``.
@@ -133,24 +135,40 @@ class PollAndPoolSampler(nn.Module):
         self.k_proj = _k_proj(kproj_net, dim, num_coarse)
         self.v_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor, pos: Tensor, ratio: Optional[float] = None,
-                num_valid: Optional[Tensor] = None) -> SampledTokens:
-        """x, pos: ``(B, C, H, W)``; mask: ``(B, H, W)`` bool, True on padding; ratio in (0, 1].
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+                ratio: Optional[float] = None, num_valid: Optional[Tensor] = None) -> SampledTokens:
+        """Sample a feature map or a sequence of tokens; ratio in (0, 1].
+
+        x: ``(B, C, H, W)`` feature map (the detector) or ``(B, L, C)`` tokens (PnP-ViT, the
+        class token left out). mask: ``(B, H, W)`` / ``(B, L)`` bool, True on padding, or None
+        when no position is padded (every image of the batch has the same size). pos: position
+        embeddings in the layout of ``x``, or None (ViT tokens already hold theirs; the returned
+        ``pos`` is then None).
 
         num_valid: ``(B,)`` int64 on the CPU, the unpadded positions of each image
         (``models.backbone.unpadded_positions``). The number of fine tokens sizes the encoder's
-        input, so it must be known on the host: given these counts, it is, without reading
-        ``mask``; without them it is counted from ``mask``, which on a GPU waits for the device.
+        input, so it must be known on the host: without a mask it is ``L``; given these counts, it
+        is, without reading ``mask``; without them it is counted from ``mask``, which on a GPU
+        waits for the device.
         """
         ratio = self.default_ratio if ratio is None else ratio
         if not torch.compiler.is_compiling():  # compiled, a check on the value would recompile for every ratio
             ratio = check_ratio(ratio)
-        batch = x.shape[0]
-        tokens = x.flatten(2).transpose(1, 2)                           # (B, L, C)
+        if x.dim() == 4:                                                # a (B, C, H, W) map -> (B, L, C)
+            tokens = x.flatten(2).transpose(1, 2)
+            pos = None if pos is None else pos.flatten(2).transpose(1, 2)
+            mask = None if mask is None else mask.flatten(1)
+        else:
+            tokens = x
+        batch, length = tokens.shape[:2]
+        if mask is None:  # no padding: every image has L positions, known on the host
+            mask = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+            num_valid = torch.full((batch,), length, dtype=torch.int64)
+        pad = mask                                                      # (B, L)
+        if pos is None and self.pos_embed_kproj:
+            raise ValueError("--pos_embed_kproj needs position embeddings, and the sampler got none")
         scores = _pointwise(self.score_pred_net, tokens).sigmoid().flatten(1)  # (B, L)
         features = self.norm_feature(tokens)                            # (B, L, C)
-        pos = pos.flatten(2).transpose(1, 2)                            # (B, L, C)
-        pad = mask.flatten(1)                                           # (B, L)
 
         # Poll: the top N_b positions by detached score; padding ranks last.
         counts = poll_counts((~pad).sum(1) if num_valid is None else num_valid, ratio)
@@ -164,7 +182,7 @@ class PollAndPoolSampler(nn.Module):
         poll_scores = scores.gather(1, poll_index)                      # (B, N)
         rows = torch.arange(batch, device=x.device)[:, None]
         fine = features[rows, poll_index] * poll_scores[..., None]      # row copies, faster than gather
-        fine_pos = pos[rows, poll_index]
+        fine_pos = None if pos is None else pos[rows, poll_index]
 
         # Pool: attention of M learned queries over the positions left out of the poll.
         polled = torch.zeros_like(pad).scatter(1, poll_index, ~fine_pad)
@@ -178,12 +196,12 @@ class PollAndPoolSampler(nn.Module):
         pool_weights = pool_weights.masked_fill(empty_pool[:, None, None], 0.0)
         coarse = self.v_proj(pool_weights @ features)                   # (B, M, C)
         coarse = coarse.masked_fill(empty_pool[:, None, None], 0.0)
-        coarse_pos = pool_weights @ pos.to(pool_weights.dtype)
+        coarse_pos = None if pos is None else pool_weights @ pos.to(pool_weights.dtype)
         coarse_pad = empty_pool[:, None].expand(-1, self.num_coarse)
 
         return SampledTokens(
             tokens=torch.cat([fine, coarse.to(fine.dtype)], dim=1),
-            pos=torch.cat([fine_pos, coarse_pos.to(fine_pos.dtype)], dim=1),
+            pos=None if pos is None else torch.cat([fine_pos, coarse_pos.to(fine_pos.dtype)], dim=1),
             key_padding_mask=torch.cat([fine_pad, coarse_pad], dim=1),
             poll_index=poll_index,
             num_polled=num_polled,

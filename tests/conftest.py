@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.synthetic import generate  # noqa: E402
+from datasets.synthetic import generate, generate_classification  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -126,6 +126,25 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert lines[0].startswith("error: ")
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+# A tiny PnP-ViT (16 patches of 8 px, the demo width) with DeiT's augmentation, Mixup / CutMix
+# and a cosine schedule with warm-up; add --data_path.
+TINY_CLASSIFICATION_FLAGS = [
+    "--task", "classification", "--vit_arch", "demo", "--input_size", "32", "--patch_size", "8",
+    "--pnp_after_block", "1", "--unsample_abstract_number", "3", "--batch_size", "4", "--lr", "1e-3",
+    "--weight_decay", "0.05", "--lr_schedule", "cosine", "--warmup_epochs", "1", "--num_workers", "0",
+    "--device", "cpu", "--print_freq", "100", "--flops_images", "2",
+]
+
+
+@pytest.fixture(scope="session")
+def classification_root(tmp_path_factory) -> str:
+    """A tiny synthetic ImageFolder classification set: 12 train / 6 val images of 40 px, 6 classes."""
+    root = str(tmp_path_factory.mktemp("synthetic_cls"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate_classification(root, num_train=12, num_val=6, image_size=40, seed=0)
+    return root
 
 
 TINY_FLAGS = [

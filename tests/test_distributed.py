@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import main
-from conftest import TINY_FLAGS
+from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS
 from datasets.coco_eval import CocoEvaluator, coco_from_dict
 from engine import evaluate_spread
 
@@ -194,3 +194,18 @@ def test_ratios_are_evaluated_once_each_spread_over_the_ranks(tmp_path):
     assert ranks[1]["kept_images"] == {0.33: 0, 0.5: 24, 0.8: 0}
     for rank in ranks:
         assert rank["results"] == single["results"]
+
+
+def test_classification_on_two_processes_with_repeated_augmentation(classification_root, tmp_path):
+    """PnP-ViT under torchrun: RepeatAugSampler shares the epoch, rank 0 writes, and the top-1
+    gathered from both ranks (4 and 2 validation images) equals one process's of the checkpoint."""
+    flags = TINY_CLASSIFICATION_FLAGS + ["--data_path", classification_root, "--repeated_aug", "--epochs", "1",
+                                         "--eval_ratios", "0.5", "--flops_images", "0"]
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    output = _finish(_torchrun(["--standalone", "--nproc_per_node=2"], flags + ["--output_dir", str(out)]))
+    assert "Epoch: [0] [1/1]" in output, "each process should run 1 of the 3 training batches (12 images, repeated)"
+    log = json.loads((out / "log.txt").read_text())
+    assert main.run(flags + ["--output_dir", str(single), "--eval", "--resume", str(out / "checkpoint.pth")]) == 0
+    (row,) = json.loads((single / "eval.json").read_text())
+    assert row["top1"] == pytest.approx(log["test_ratio_0.5_acc1"])
+    assert row["top5"] == pytest.approx(log["test_ratio_0.5_acc5"])

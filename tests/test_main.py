@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import main
-from conftest import TINY_FLAGS, assert_one_line_error
+from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS, assert_one_line_error
 from datasets import build_dataset
 from datasets.coco_eval import STAT_NAMES
 
@@ -98,7 +98,8 @@ def test_config_preset_is_overridden_by_the_command_line(tmp_path):
     assert args.hidden_dim == 48 and args.lr == 5e-4 and args.eval_ratios == [0.25, 0.75] and args.no_pnp
 
 
-@pytest.mark.parametrize("name", ["demo", "pnp_detr_r50", "pnp_detr_dc5_r50", "detr_r50"])
+@pytest.mark.parametrize("name", ["demo", "pnp_detr_r50", "pnp_detr_dc5_r50", "detr_r50", "vit_demo",
+                                  "deit_small_pnp"])
 def test_shipped_presets_parse(name):
     args = main.parse_args(["--config", f"configs/{name}.yaml"])
     assert args.output_dir
@@ -246,3 +247,80 @@ def test_compile_pads_batches_to_a_multiple_of_32_pixels(tiny_flags, compiled):
         padded_to_32 = height % 32 == 0 and width % 32 == 0
         assert padded_to_32 == compiled, (height, width)
         assert samples.mask.shape[-2:] == (height, width)
+
+
+# ----------------------------------------------------------------------------- classification
+@pytest.fixture
+def classification_flags(classification_root) -> list[str]:
+    return TINY_CLASSIFICATION_FLAGS + ["--data_path", classification_root]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_classification_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, classification_flags,
+                                                                          monkeypatch):
+    """Stopped during epoch 1 and restarted, the run ends as an uninterrupted one: the weights,
+    the cosine schedule (which depends on --epochs, so the stopped run has the same flags) and Mixup."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    flags = classification_flags + ["--epochs", "2", "--eval_every", "0"]
+    assert main.run(flags + ["--output_dir", str(straight)]) == 0
+    train_one_epoch = main.train_one_epoch
+
+    def stop_in_epoch_1(*args, **kwargs):
+        if args[5] == 1:  # the epoch
+            raise _Interrupted
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", stop_in_epoch_1)
+    with pytest.raises(_Interrupted):
+        main.run(flags + ["--output_dir", str(split)])
+    monkeypatch.setattr(main, "train_one_epoch", train_one_epoch)
+    assert main.run(flags + ["--output_dir", str(split)]) == 0
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    assert any(k.startswith("sampler.") for k in a["model"])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    logs = [json.loads(line) for line in (split / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in logs] == [0, 1]
+    assert {"train_loss_ce", "train_sample_reg_loss", "test_ratio_0.5_acc1", "test_ratio_0.8_acc5"} <= set(logs[1])
+
+
+def test_classification_eval_rows_table_and_tradeoff_against_the_plain_vit(tmp_path, classification_flags, capsys):
+    plain, pnp = tmp_path / "plain", tmp_path / "pnp"
+    assert main.run(classification_flags + ["--no_pnp", "--epochs", "1", "--output_dir", str(plain)]) == 0
+    assert main.run(classification_flags + ["--no_pnp", "--eval", "--output_dir", str(plain)]) == 0
+    assert main.run(classification_flags + ["--epochs", "1", "--output_dir", str(pnp)]) == 0
+    capsys.readouterr()
+    code, out, _ = _run(classification_flags + ["--eval", "--output_dir", str(pnp), "--eval_ratios", "0.5", "1",
+                                                "--baseline_eval", str(plain / "eval.json")], capsys)
+    assert code == 0
+    (reference,) = json.loads((plain / "eval.json").read_text())
+    rows = json.loads((pnp / "eval.json").read_text())
+    assert reference["ratio"] is None and [row["ratio"] for row in rows] == [0.5, 1.0]
+    for row in rows + [reference]:
+        assert set(row) == {"ratio", "top1", "top5", "gflops", "images_per_s"}
+        assert 0 <= row["top1"] <= row["top5"] <= 100 and row["images_per_s"] > 0
+    assert rows[0]["gflops"] < reference["gflops"] < rows[1]["gflops"]  # r = 1 adds the sampler to the plain cost
+    assert "ratio    top1    top5   GFLOPs    img/s" in out
+    assert (pnp / "tradeoff.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--masks"], ["--masks", "classification"]),
+    (["--pnp_after_block", "6"], ["--pnp_after_block", "0..5"]),
+    (["--batch_size", "3"], ["--batch_size", "even"]),
+    (["--vit_weights", "timm"], ["--vit_weights", "demo"]),
+])
+def test_bad_classification_flags_end_in_one_line(classification_flags, tmp_path, capsys, extra, needles):
+    code, _, err = _run(classification_flags + ["--output_dir", str(tmp_path), "--epochs", "1"] + extra, capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_classification_without_data_path_is_named(capsys):
+    code, _, err = _run(["--task", "classification"], capsys)
+    assert_one_line_error(code, err, "--data_path")

@@ -274,3 +274,34 @@ def test_layer_norm_has_no_affine_parameters():
     sampler = PollAndPoolSampler(dim=4, num_coarse=2)
     assert isinstance(sampler.norm_feature, nn.LayerNorm)
     assert not any(name.startswith("norm_feature") for name, _ in sampler.named_parameters())
+
+
+def test_tokens_without_mask_or_pos_sample_as_the_unpadded_map():
+    """(B, L, C) tokens with no mask and no pos (PnP-ViT) give the fine and coarse tokens of the
+    same positions as a (B, C, H, W) map with nothing padded; ``pos`` is then None."""
+    torch.manual_seed(0)
+    sampler = PollAndPoolSampler(16, num_coarse=3)
+    x = torch.randn(2, 16, 3, 4)
+    from_map = sampler(x, torch.zeros(2, 3, 4, dtype=torch.bool), torch.randn(2, 16, 3, 4), ratio=0.5)
+    from_tokens = sampler(x.flatten(2).transpose(1, 2), ratio=0.5)
+    assert from_tokens.pos is None
+    assert torch.equal(from_tokens.tokens, from_map.tokens)
+    assert torch.equal(from_tokens.poll_index, from_map.poll_index)
+    assert from_tokens.num_polled.tolist() == [6, 6]
+
+
+def test_tokens_at_ratio_one_mask_the_empty_pool():
+    sampler = PollAndPoolSampler(8, num_coarse=2)
+    tokens = torch.randn(2, 10, 8, requires_grad=True)
+    sampled = sampler(tokens, ratio=1.0)
+    assert sampled.num_fine == 10
+    assert sampled.key_padding_mask.tolist() == [[False] * 10 + [True] * 2] * 2
+    assert torch.isfinite(sampled.tokens).all() and not sampled.tokens[:, 10:].any()
+    sampled.tokens.sum().backward()
+    assert torch.isfinite(tokens.grad).all()
+
+
+def test_pos_embed_kproj_without_pos_is_refused():
+    sampler = PollAndPoolSampler(8, num_coarse=2, pos_embed_kproj=True)
+    with pytest.raises(ValueError, match="pos_embed_kproj"):
+        sampler(torch.randn(1, 10, 8), ratio=0.5)

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from datasets.coco_eval import COCO
-from datasets.synthetic import (BAND, CATEGORIES, CHECKER, GRADIENT, STUFF_CATEGORIES, annotation, generate, main,
-                                render_image, render_stuff)
+from datasets.synthetic import (BAND, CATEGORIES, CHECKER, CLASSIFICATION_MAX_REL_SIZE, CLASSIFICATION_MIN_REL_SIZE,
+                                GRADIENT, STUFF_CATEGORIES, Layout, annotation, generate, generate_classification,
+                                main, render_classification_image, render_image, render_stuff)
 
 
 def all_files(root):
@@ -254,3 +255,64 @@ def test_command_line_panoptic(tmp_path, capsys):
     assert "3 stuff classes" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "annotations" / "panoptic_val2017.json")
     assert os.path.isfile(tmp_path / "annotations" / "panoptic_val2017" / "000000000001.png")
+
+
+# ----------------------------------------------------------------------------- classification
+def test_classification_layout_is_an_image_folder_of_balanced_square_images(tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate_classification(str(tmp_path), num_train=13, num_val=6, image_size=40, seed=0)
+    for split, count in (("train", 13), ("val", 6)):
+        assert sorted(os.listdir(tmp_path / split)) == sorted(CATEGORIES)
+        per_class = [len(os.listdir(tmp_path / split / name)) for name in CATEGORIES]
+        assert sum(per_class) == count and max(per_class) - min(per_class) <= 1
+        for name in CATEGORIES:
+            for file_name in os.listdir(tmp_path / split / name):
+                with Image.open(tmp_path / split / name / file_name) as png:
+                    assert png.mode == "RGB" and png.size == (40, 40)
+    assert sorted(os.listdir(tmp_path)) == ["train", "val"]
+
+
+def test_classification_output_is_deterministic(tmp_path):
+    # Digest recorded when the classification mode was added: the same flags must keep giving
+    # these files, byte for byte in their pixels.
+    with contextlib.redirect_stdout(io.StringIO()):
+        generate_classification(str(tmp_path / "a"), num_train=6, num_val=6, image_size=40, seed=5)
+        generate_classification(str(tmp_path / "b"), num_train=6, num_val=6, image_size=40, seed=5)
+        generate_classification(str(tmp_path / "c"), num_train=6, num_val=6, image_size=40, seed=6)
+    assert all_files(str(tmp_path / "a")) == all_files(str(tmp_path / "b"))
+    assert all_files(str(tmp_path / "a")) != all_files(str(tmp_path / "c"))
+    assert _pixels_and_json_digest(str(tmp_path / "a")) == "4aa2e334f0a627ae58df0d1fb2b567cc0358c833c90cbdad18afdc43501ccb15"
+
+
+def test_classification_shape_is_small_and_one_colour_among_clutter():
+    layout = Layout(1, CLASSIFICATION_MIN_REL_SIZE, CLASSIFICATION_MAX_REL_SIZE)
+    fractions = []
+    for index in range(30):
+        category = index % len(CATEGORIES) + 1
+        pixels, mask = render_classification_image(np.random.default_rng(index), np.random.default_rng([index, 1]),
+                                                   category, 64, layout)
+        assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8 and mask.shape == (64, 64)
+        fractions.append(mask.mean())
+        # the shape is one flat colour under the pixel noise; the clutter around it is not
+        assert pixels[mask].std(axis=0).max() < 3 * 6.0
+        assert pixels[~mask].std(axis=0).max() > 3 * 6.0
+    assert 0.01 < min(fractions) and max(fractions) < 0.15, "most of each image is clutter"
+
+
+def test_classification_command_line(tmp_path, capsys):
+    main(["--classification", "--out", str(tmp_path), "--num_train", "6", "--num_val", "6"])
+    assert "6 train / 6 val images of 64x64, 6 classes" in capsys.readouterr().out
+    with Image.open(tmp_path / "val" / "circle" / "000000.png") as png:
+        assert png.size == (64, 64)
+
+
+@pytest.mark.parametrize("flags, message", [(["--panoptic"], "--panoptic does not apply to --classification"),
+                                            (["--max_objects", "2"], "--max_objects does not apply"),
+                                            (["--num_train", "5"], "--num_train/--num_val must be >= 6"),
+                                            (["--min_size", "0"], "--min_size/--max_size")])
+def test_classification_bad_flags_are_rejected(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--classification", "--out", str(tmp_path / "out")] + flags)
+    assert excinfo.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")

@@ -52,12 +52,14 @@ DEFAULT_ADVICE = "check --backbone, --hidden_dim, --enc_layers/--dec_layers, --n
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                       built_from: str = "the flags", advice: str = DEFAULT_ADVICE) -> list[str]:
+                       built_from: str = "the flags", advice: str = DEFAULT_ADVICE,
+                       sampler_prefix: str = SAMPLER_PREFIX, head_prefix: str = "class_embed.") -> list[str]:
     """Load ``state_dict`` into ``model`` with strict key matching, up to two allowed gaps.
 
-    * ``transformer.sampler.*`` absent from the checkpoint (a DETR checkpoint loaded into a
-      PnP-DETR): the sampler keeps its fresh initialisation.
-    * ``class_embed.*`` of another shape (fine-tuning on another class set): not loaded.
+    * ``transformer.sampler.*`` (``sampler_prefix``) absent from the checkpoint (a DETR checkpoint
+      loaded into a PnP-DETR, a ViT's into a PnP-ViT): the sampler keeps its fresh initialisation.
+    * ``class_embed.*`` (``head_prefix``: the class logits) of another shape (fine-tuning on
+      another class set): not loaded.
 
     Returns the notes to print about those gaps. Anything else that does not fit raises a
     ``UserError`` naming the checkpoint and the keys, in one line, saying what the model was
@@ -66,11 +68,12 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     own = model.state_dict()
     notes = []
     state_dict = dict(state_dict)
-    resized = [k for k in state_dict if k.startswith("class_embed.") and k in own
+    resized = [k for k in state_dict if k.startswith(head_prefix) and k in own
                and state_dict[k].shape != own[k].shape]
     if resized:
-        notes.append(f"{source}: class_embed has {state_dict['class_embed.bias'].shape[0]} logits, "
-                     f"the model {own['class_embed.bias'].shape[0]}: class_embed starts fresh")
+        head, bias = head_prefix.rstrip("."), f"{head_prefix}bias"
+        notes.append(f"{source}: {head} has {state_dict[bias].shape[0]} logits, "
+                     f"the model {own[bias].shape[0]}: {head} starts fresh")
         for k in resized:
             del state_dict[k]
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
@@ -79,8 +82,8 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     unexpected = sorted(k for k in state_dict if k not in own and not k.endswith("num_batches_tracked"))
     missing = sorted(k for k in own if k not in state_dict and k not in resized
                      and not k.endswith("num_batches_tracked"))
-    sampler_missing = [k for k in missing if k.startswith(SAMPLER_PREFIX)]
-    missing = [k for k in missing if not k.startswith(SAMPLER_PREFIX)]
+    sampler_missing = [k for k in missing if k.startswith(sampler_prefix)]
+    missing = [k for k in missing if not k.startswith(sampler_prefix)]
     problems = []
     if missing:
         problems.append(f"missing {_preview(missing)}")
@@ -92,7 +95,7 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
         raise UserError(f"{source}: checkpoint does not fit the model built from {built_from} "
                         f"({'; '.join(problems)}); {advice}")
     if sampler_missing:
-        notes.append(f"{source}: no transformer.sampler weights (a DETR checkpoint): the sampler starts fresh")
+        notes.append(f"{source}: no {sampler_prefix.rstrip('.')} weights (a model without sampler): the sampler starts fresh")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return notes
 

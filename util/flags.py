@@ -10,9 +10,12 @@ from typing import Any, Optional
 import torch
 
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
+from models.vit_archs import VIT_ARCHS
 from util.errors import UserError
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
+TASKS = ("detection", "classification")
+DEFAULT_PNP_AFTER_BLOCK = 4
 AUGMENTATIONS = ("detr", "flip")  # --augment: datasets.transforms.make_coco_transforms
 
 
@@ -20,14 +23,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("PnP-DETR", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML preset whose keys are flag names; the command line overrides it")
+    p.add_argument("--task", default="detection", choices=TASKS,
+                   help="detection (DETR / PnP-DETR on COCO-format data) or classification "
+                        "(ViT / PnP-ViT on an ImageFolder root, see the classification flags)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", default=1e-4, type=float, help="AdamW lr of the transformer, heads and sampler")
+    g.add_argument("--lr", default=1e-4, type=float,
+                   help="AdamW lr of the transformer, heads and sampler (DeiT: 5e-4 x total batch / 512)")
     g.add_argument("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
     g.add_argument("--batch_size", default=2, type=int, help="images per process")
     g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
     g.add_argument("--epochs", default=300, type=int, help="number of training epochs")
     g.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr drops 10x")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    g.add_argument("--lr_schedule", default="step", choices=("step", "cosine"),
+                   help="step: lr x0.1 at --lr_drop; cosine: timm's cosine decay to --min_lr after "
+                        "--warmup_epochs of linear warm-up from --warmup_lr (DeiT)")
+    g.add_argument("--warmup_epochs", default=5, type=int, help="--lr_schedule cosine: warm-up epochs")
+    g.add_argument("--warmup_lr", default=1e-6, type=float, help="--lr_schedule cosine: lr of the first warm-up epoch")
+    g.add_argument("--min_lr", default=1e-5, type=float, help="--lr_schedule cosine: lr at the end")
     g.add_argument("--amp", action="store_true",
                    help="bf16 autocast (loss, matcher, post-processing stay fp32); on a CPU, faster only with "
                         "native bf16 (AMX or AVX512-BF16): elsewhere it warns and runs slower")
@@ -71,8 +84,31 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="poll score network: C->C->1, C->16->1 or C->1 1x1 convs")
     g.add_argument("--kproj_net", default="1layer-fc", choices=KPROJ_NETS,
                    help="pool key projection: C->M or C->C->M")
-    g.add_argument("--pos_embed_kproj", action="store_true", help="add position embeddings before k_proj")
+    g.add_argument("--pos_embed_kproj", action="store_true", help="add position embeddings before k_proj (detection)")
     g.add_argument("--sample_reg_loss", default=1e-4, type=float, help="weight of the sampler's score regulariser")
+    g = p.add_argument_group("classification (--task classification: ViT / PnP-ViT; defaults: DeiT's recipe)")
+    g.add_argument("--data_path", default=None, help="ImageFolder root with train/<class>/... and val/<class>/...")
+    g.add_argument("--vit_arch", default="deit_small", choices=list(VIT_ARCHS),
+                   help="ViT width/depth/heads: demo 128/6/4, deit_tiny 192/12/3, deit_small 384/12/6, vit_base 768/12/12")
+    g.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels")
+    g.add_argument("--input_size", default=224, type=int, help="ViT image size (square) in pixels")
+    g.add_argument("--pnp_after_block", default=DEFAULT_PNP_AFTER_BLOCK, type=int,
+                   help="the sampler runs after this many ViT blocks (0: on the patch embeddings)")
+    g.add_argument("--vit_weights", default="none",
+                   help="ViT weights to start from: none, timm (timm's published ImageNet weights of --vit_arch, "
+                        "downloaded if not cached) or a PATH to a timm/DeiT checkpoint; the sampler starts fresh")
+    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate of the last block")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0: off; timm's Mixup)")
+    g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy (timm's string; none: off)")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--color_jitter", default=0.3, type=float, help="colour jitter strength (used without --aa)")
+    g.add_argument("--train_interpolation", default="bicubic", help="resize interpolation in training (timm's names)")
+    g.add_argument("--scale", default=[0.08, 1.0], type=float, nargs=2,
+                   help="area range of the training random resized crop (fractions of the image)")
+    g.add_argument("--repeated_aug", action="store_true",
+                   help="repeated augmentation: each image 3 times per epoch, in different processes (timm's RepeatAugSampler)")
     g = p.add_argument_group("loss")
     g.add_argument("--no_aux_loss", action="store_true", help="no loss on the intermediate decoder layers")
     g.add_argument("--set_cost_class", default=1, type=float, help="matching cost weight of the class probability")
@@ -134,8 +170,10 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         return None
     convert = action.type or str
     try:
-        if action.nargs in ("+", "*"):
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
             values = value if isinstance(value, list) else [value]
+            if isinstance(action.nargs, int) and len(values) != action.nargs:
+                raise UserError(f"{source}: {key} needs {action.nargs} values, got {value!r}")
             converted = [convert(v) for v in values]
         else:
             converted = convert(value)

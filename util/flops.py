@@ -1,4 +1,4 @@
-"""FLOPs of DETR / PnP-DETR per image, counted with ``torch.utils.flop_counter``.
+"""FLOPs of DETR / PnP-DETR and ViT / PnP-ViT per image, counted with ``torch.utils.flop_counter``.
 
 Figures are reported in the papers' convention: **one multiply-add = one FLOP** (DETR's
 86 GFLOPs for R50), half of what ``torch.utils.flop_counter`` counts. Counted are the
@@ -79,36 +79,40 @@ def _without_grad(model: nn.Module) -> Iterator[None]:
 class ImageFlops:
     """GFLOPs (multiply-adds) of one image at one ratio.
 
-    total: the whole model; transformer: sampler + encoder + decoder; sampler: the
-    poll-and-pool sampler alone (0 for plain DETR).
+    total: the whole model; transformer: sampler + encoder + decoder (None for a ViT, which
+    has no separate transformer); sampler: the poll-and-pool sampler alone (0 without one).
     """
 
     total: float
-    transformer: float
+    transformer: Optional[float]
     sampler: float
 
 
 def count_flops(model: nn.Module, image: Tensor,
                 ratios: Sequence[Optional[float]]) -> dict[Optional[float], ImageFlops]:
-    """GFLOPs of a ``DETR`` on one ``(3, H, W)`` image (batch 1, no padding) at each ratio.
+    """GFLOPs of a ``DETR`` or ``PnPViT`` on one ``(3, H, W)`` image (batch 1, no padding) at each ratio.
 
-    The backbone runs once and is shared by every ratio, as in evaluation (``None`` is the
-    ratio of plain DETR, or the sampler's default ratio).
+    ``extract_features`` (DETR's backbone, the ViT's blocks before the sampler) runs once and is
+    shared by every ratio, as in evaluation (``None`` is the ratio of a model without sampler, or
+    the sampler's default ratio).
     """
+    # Module names are rooted at the called module: DETR's transformer is a root of predict's
+    # (its sampler inside it); the ViT's sampler is one itself.
+    transformer = getattr(model, "transformer", None)
+    name = type(transformer).__name__ if transformer is not None else None
+    sampler_name = f"{name}.sampler" if name is not None else "PollAndPoolSampler"
     with _without_grad(model):
         with flop_counter() as counter:
             features = model.extract_features(image[None])
         shared = counter.get_total_flops()
-        # Module names are rooted at the called module: the transformer is the root of predict's.
-        name = type(model.transformer).__name__
         result = {}
         for ratio in ratios:
             with flop_counter() as counter:
                 model.predict(features, ratio)
             counts = counter.get_flop_counts()
             result[ratio] = ImageFlops(total=gflops(shared + counter.get_total_flops()),
-                                       transformer=gflops(sum(counts.get(name, {}).values())),
-                                       sampler=gflops(sum(counts.get(f"{name}.sampler", {}).values())))
+                                       transformer=gflops(sum(counts.get(name, {}).values())) if name else None,
+                                       sampler=gflops(sum(counts.get(sampler_name, {}).values())))
     return result
 
 
@@ -128,6 +132,7 @@ def mean_flops(model: nn.Module, images: Iterable[Tensor],
     if not per_image:
         raise ValueError("mean_flops needs at least one image")
     return {r: ImageFlops(total=fmean(c[r].total for c in per_image),
-                          transformer=fmean(c[r].transformer for c in per_image),
+                          transformer=None if per_image[0][r].transformer is None
+                          else fmean(c[r].transformer for c in per_image),
                           sampler=fmean(c[r].sampler for c in per_image))
             for r in ratios}

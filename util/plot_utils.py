@@ -16,29 +16,35 @@ from datasets.coco_eval import STAT_NAMES
 from util.errors import UserError, exit_status
 
 AP_KEY = re.compile(r"test_(?:ratio_(?P<ratio>[^_]+)_)?AP")
+# eval.json accuracy column -> (axis label, factor to percent); the detector's AP is a fraction.
+TRADEOFF_METRICS = {"AP": ("box AP (%)", 100.0), "top1": ("top-1 accuracy (%)", 1.0)}
 
 
-def _label(row: dict[str, Any]) -> str:
-    return "DETR" if row["ratio"] is None else f"r={row['ratio']:g}"
+def _label(row: dict[str, Any], reference: str = "DETR") -> str:
+    return reference if row["ratio"] is None else f"r={row['ratio']:g}"
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path,
-                  baseline: Optional[list[dict[str, Any]]] = None) -> None:
-    """Save AP (%) against whole-model GFLOPs: one point per evaluated ratio.
+                  baseline: Optional[list[dict[str, Any]]] = None, metric: str = "AP",
+                  reference: str = "DETR") -> None:
+    """Save accuracy (%) against whole-model GFLOPs: one point per evaluated ratio.
 
-    ``rows`` and ``baseline`` are ``eval.json`` rows with ``AP`` and ``gflops``; the
-    baseline (a DETR evaluation) is drawn as separate reference points.
+    ``rows`` and ``baseline`` are ``eval.json`` rows with ``metric`` (``AP`` for the detector,
+    ``top1`` for the ViT) and ``gflops``; the baseline (the model without sampler, named
+    ``reference``) is drawn as separate reference points.
     """
+    ylabel, scale = TRADEOFF_METRICS[metric]
     fig = Figure(figsize=(5, 4))
     ax = fig.add_subplot()
     points = sorted(rows, key=lambda row: row["gflops"])
-    ax.plot([r["gflops"] for r in points], [100 * r["AP"] for r in points], "o-", label="this model")
+    ax.plot([r["gflops"] for r in points], [scale * r[metric] for r in points], "o-", label="this model")
     for row in points:
-        ax.annotate(_label(row), (row["gflops"], 100 * row["AP"]), textcoords="offset points", xytext=(4, -10))
+        ax.annotate(_label(row, reference), (row["gflops"], scale * row[metric]), textcoords="offset points",
+                    xytext=(4, -10))
     for row in baseline or []:
-        ax.plot(row["gflops"], 100 * row["AP"], "r*", markersize=12, label=f"baseline {_label(row)}")
+        ax.plot(row["gflops"], scale * row[metric], "r*", markersize=12, label=f"baseline {_label(row, reference)}")
     ax.set_xlabel("GFLOPs per image (multiply-adds)")
-    ax.set_ylabel("box AP (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title("Accuracy against compute")
     ax.margins(x=0.12, y=0.1)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
