@@ -13,10 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "pnp_detr_resnet50",
            "pnp_detr_resnet50_dc5", "pnp_detr_resnet101", "detr_resnet50_panoptic", "detr_resnet50_dc5_panoptic",
            "detr_resnet101_panoptic", "pnp_detr_resnet50_panoptic"]
-# What a hub user need not have: dataset, evaluation, training and export packages, and the
+# What a hub user need not have: dataset, evaluation, training and export packages, timm (PnP-ViT), and the
 # project's modules that import them.
 NOT_NEEDED = ("pycocotools", "hotcoco", "faster_coco_eval", "panopticapi", "yaml", "matplotlib", "tensorboard",
-              "submitit", "onnx", "onnxruntime", "onnxscript", "datasets", "engine", "main", "predict")
+              "submitit", "onnx", "onnxruntime", "onnxscript", "timm", "datasets", "engine", "main", "predict")
 
 
 def test_every_entry_point_is_exported_and_documented():
