@@ -20,6 +20,9 @@ def test_synthetic_set_has_the_requested_sizes():
     assert (rows[:, 3:5] >= 1).all() and ((0 <= rows[:, 5]) & (rows[:, 5] <= 1)).all()
     again, same_rows = benchmark_eval.synthetic_eval_set(200, 7.3, 100, seed=0)
     assert again == gt and (same_rows == rows).all()
+    _, any_category = benchmark_eval.synthetic_eval_set(200, 7.3, 100, seed=0, other_categories=None)
+    pairs = {tuple(pair) for pair in rows[:, [0, 6]].astype(int).tolist()}
+    assert len({tuple(pair) for pair in any_category[:, [0, 6]].astype(int).tolist()}) > 3 * len(pairs)
 
 
 def test_tiny_benchmark_prints_a_speed_up_and_equal_stats(tmp_path, capsys):
