@@ -19,7 +19,7 @@ TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--backbon
 
 def test_tiny_benchmark_times_both_runtimes_and_compares_their_outputs(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    benchmark_onnx.run(["--size", "64", "96", "--variants", "r50", "--ratios", "0.5", "--repeats", "2",
+    benchmark_onnx.run(["--size", "64", "96", "--variants", "r50", "--ratios", "0.5", "--detr", "--repeats", "2",
                         "--warmup", "0", "--threads", "1", "--output", str(output), "--", *TINY_MODEL])
     out = capsys.readouterr().out
     assert "| R18 DETR | - |" in out and "| R18 PnP-DETR | 0.5 |" in out and "ONNX Runtime / eager" in out

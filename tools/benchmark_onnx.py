@@ -1,10 +1,10 @@
 """ONNX Runtime CPU latency against eager PyTorch, measured in one process.
 
     python tools/benchmark_onnx.py --threads 2                 # R50 and DC5 at 800x1216, r = 0.33 and 0.8
-    python tools/benchmark_onnx.py --size 64 96 --ratios 0.5 -- --backbone resnet18 --hidden_dim 32
+    python tools/benchmark_onnx.py --size 64 96 --ratios 0.5 --detr -- --backbone resnet18 --hidden_dim 32
 
-For each backbone variant, DETR and PnP-DETR are built with the same random weights
-(``benchmark.build_pair``); each (PnP-DETR at each ``--ratios``) is exported as
+For each backbone variant, PnP-DETR at each ``--ratios`` (and with ``--detr`` DETR: the same
+weights without the sampler; ``benchmark.build_pair``, random weights) is exported as
 ``tools/export_onnx.py`` exports a checkpoint (``util.onnx.export``, traced on the benchmark
 image) and run on one random image (batch 1) by eager PyTorch and by ONNX Runtime's CPU
 provider, both with ``--threads`` intra-op threads, taking turns (``benchmark.measure``).
@@ -36,6 +36,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p = argparse.ArgumentParser("PnP-DETR ONNX Runtime benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=list(VARIANT_FLAGS))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.33, 0.8])
+    p.add_argument("--detr", action="store_true", help="also DETR (no sampler)")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each model and runtime")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
@@ -50,7 +51,8 @@ def benchmark_variant(variant: str, model_flags: list[str], image: torch.Tensor,
                       folder: str) -> list[dict[str, Any]]:
     """Eager and ONNX Runtime latency of DETR and of PnP-DETR at every ratio, timed in turns."""
     label, (detr, _), (pnp, _) = build_pair(variant, model_flags, torch.device("cpu"), opts.seed)
-    configs = [("DETR", detr.eval(), None)] + [("PnP-DETR", pnp.eval(), r) for r in opts.ratios]
+    configs = [("DETR", detr.eval(), None)] if opts.detr else []
+    configs += [("PnP-DETR", pnp.eval(), r) for r in opts.ratios]
     rows, calls = [], {}
     for i, (name, model, ratio) in enumerate(configs):
         path = os.path.join(folder, f"{variant}_{i}.onnx")
