@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
 TASKS = ("detection", "classification")
-DEFAULT_PNP_AFTER_BLOCK = 4
+DEFAULT_PNP_AFTER_BLOCK = 2  # of 12 blocks; README "PnP-ViT" says why
 COMPILE_SIZE_DIVISIBILITY = 32  # the largest backbone stride
 
 
@@ -106,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_ratio_lower_bound", default=1 / 3, type=float, help="lowest training poll ratio")
     g.add_argument("--sample_ratio_higher_bound", default=0.8, type=float, help="highest training poll ratio")
     g.add_argument("--unsample_abstract_number", default=0, type=int,
-                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8)")
+                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8; ViT: the patch grid's side)")
     g.add_argument("--score_pred_net", default="2layer-fc-256", choices=SCORE_PRED_NETS,
                    help="poll score network: C->C->1, C->16->1 or C->1 1x1 convs")
     g.add_argument("--kproj_net", default="1layer-fc", choices=KPROJ_NETS,
