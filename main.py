@@ -35,7 +35,7 @@ from engine import BatchTransform, NonFiniteLossError, evaluate, evaluate_classi
 from models import build_model
 from models.backbone import load_backbone_weights
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
-from models.vit import VIT_ARCHS, load_vit_weights, vit_state_dict
+from models.vit import GLOBAL_POOLS, VIT_ARCHS, load_vit_weights, vit_state_dict
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError, exit_status
@@ -125,6 +125,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="ViT weights to start from: none, timm (timm's published ImageNet weights of --vit_arch, "
                         "downloaded if not cached) or a PATH to a timm/DeiT checkpoint; the sampler starts fresh")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate of the last block")
+    g.add_argument("--global_pool", default="token", choices=GLOBAL_POOLS,
+                   help="what the head reads: token (the class token, as ViT/DeiT) or avg (the mean of the other "
+                        "tokens; learns faster from scratch on small data)")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
     g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0: off; timm's Mixup)")
     g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
