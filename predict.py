@@ -1,7 +1,10 @@
-"""Detect objects in image files with a trained checkpoint; draw the boxes and where the poll looked.
+"""Detect objects in (or, with a ViT checkpoint, classify) image files with a trained checkpoint;
+draw the boxes or the class, and where the poll looked.
 
     python predict.py --checkpoint outputs/demo/checkpoint.pth data/synthetic/val2017 \\
         --output predictions.json --draw outputs/demo/pictures --show_poll
+    python predict.py --checkpoint outputs/vit_demo/checkpoint.pth data/synthetic_cls/val/ring \\
+        --draw outputs/vit_demo/pictures --show_poll --draw_scale 4
 """
 import argparse
 import json
@@ -15,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import clip_boxes_to_image
 
+from datasets.classification import build_transform, class_folders, input_image
 from datasets.coco import box_target, read_image, read_json_object
 from datasets.coco_eval import to_coco_results
 from datasets.transforms import make_coco_transforms
@@ -22,6 +26,7 @@ from main import get_args_parser as training_parser
 from models import build_model
 from models.detr import ImageFeatures
 from models.pnp import SampledTokens
+from models.vit import PnPViT
 from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
 from util.draw import PollGrid, draw_detections, draw_poll, side_by_side
 from util.errors import UserError, exit_status
@@ -31,35 +36,46 @@ IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".we
 BOX_FORMAT = "bbox is [x, y, width, height] in pixels of the original image (COCO), clipped to the image"
 CATEGORY_FILES = ("annotations/instances_val2017.json", "annotations/instances_train2017.json")
 PANOPTIC_CATEGORY_FILES = ("annotations/panoptic_val2017.json", "annotations/panoptic_train2017.json")
+CLASS_FOLDERS = ("train", "val")
+VIT_SAMPLER_PREFIX = "sampler."
+TOP_CLASSES = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "predict.py",
-        description="Detections of a DETR / PnP-DETR checkpoint on image files, as JSON, and optionally "
-                    "pictures of the boxes and of the poll. The model is rebuilt from the flags stored in "
-                    "the checkpoint (its weights decide the class count and whether it has a sampler); "
-                    "images go through the evaluation transform (shorter side --eval_size of the checkpoint).",
+        description="Detections of a DETR / PnP-DETR checkpoint on image files, or the classes a ViT / "
+                    "PnP-ViT checkpoint (main.py --task classification) gives them, as JSON, and optionally "
+                    "pictures of the boxes or the class, and of the poll. The model is rebuilt from the flags "
+                    "stored in the checkpoint (its weights decide the class count and whether it has a "
+                    "sampler); images go through the evaluation transform (detection: shorter side "
+                    "--eval_size of the checkpoint; classification: resize and centre crop to its --input_size).",
         epilog="Category names come from --categories, else from the annotation json of the checkpoint's "
                "training data (--coco_path, or --coco_panoptic_path for coco_panoptic; val2017, then "
-               "train2017) when that file exists, else 'class_<id>'. The JSON holds one entry per image: "
-               f"file, width, height and its detections (category_id, category, score, bbox); {BOX_FORMAT}.")
+               "train2017) when that file exists, else 'class_<id>'; for classification, from the class "
+               "folders of its --data_path (train, then val) when they are as many as its classes. The JSON "
+               "holds one entry per image: file, width, height and its detections (category_id, category, "
+               f"score, bbox; {BOX_FORMAT}), or for classification its {TOP_CLASSES} most probable classes "
+               "(class_id, class, score: the softmax probability), best first.")
     p.add_argument("images", nargs="+", help="image files and folders (a folder: its image files, not recursive)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by main.py (path or URL)")
     p.add_argument("--threshold", default=0.5, type=float,
-                   help="keep detections whose class score is above this (default: 0.5)")
+                   help="keep detections whose class score is above this (default: 0.5; detection only)")
     p.add_argument("--sample_topk_ratio", default=None, type=float,
                    help="poll ratio r in (0, 1] (default: the checkpoint's --sample_topk_ratio; "
-                        "ignored for a DETR checkpoint)")
+                        "ignored for a checkpoint without sampler)")
     p.add_argument("--output", default=None, help="write the JSON to this file (default: standard output)")
-    p.add_argument("--draw", default=None, metavar="DIR", help="write DIR/<image name>.png with the labelled boxes")
+    p.add_argument("--draw", default=None, metavar="DIR",
+                   help="write DIR/<image name>.png with the labelled boxes (classification: the model's input "
+                        "framed and labelled with its most probable class)")
     p.add_argument("--show_poll", action="store_true",
-                   help="--draw: add a panel of the polled feature cells (orange) and the pool's weight "
-                        "on the others (blue)")
+                   help="--draw: add a panel of the polled feature cells or ViT patches (orange) and the "
+                        "pool's weight on the others (blue)")
     p.add_argument("--draw_scale", default=1.0, type=float,
                    help="--draw: enlarge the pictures this many times (default: 1)")
     p.add_argument("--categories", default=None, metavar="JSON",
-                   help="COCO-format json whose 'categories' name the class ids (default: see below)")
+                   help="COCO-format json whose 'categories' name the class ids (classification: the class "
+                        "indices; default: see below)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
     p.add_argument("--batch_size", default=1, type=int,
@@ -112,8 +128,10 @@ def picture_paths(images: list[Path], folder: str) -> list[Path]:
 def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
     """The flags that built the checkpoint's model: main.py's defaults updated by its stored ``args``.
 
-    The weights decide the class count (``class_embed``) and whether the model has a sampler
-    (official DETR checkpoints store no ``no_pnp``); keys main.py does not know are ignored.
+    The weights decide the class count (``class_embed``, a ViT's ``head``) and whether the model
+    has a sampler (official DETR checkpoints store no ``no_pnp``); keys main.py does not know are
+    ignored. Nothing is downloaded: a stored ``--vit_weights`` becomes none (the checkpoint's
+    weights are loaded instead).
     """
     saved = checkpoint.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
@@ -125,6 +143,14 @@ def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
         if hasattr(args, key):
             setattr(args, key, value)
     state = checkpoint["model"]
+    if args.task == "classification":
+        bias = state.get("head.bias")
+        if bias is None:
+            raise UserError(f"--checkpoint: {source} has no head.bias: not a ViT/PnP-ViT checkpoint")
+        args.num_classes = bias.shape[0]
+        args.no_pnp = not any(key.startswith(VIT_SAMPLER_PREFIX) for key in state)
+        args.vit_weights = "none"
+        return args
     prefix = "detr." if args.masks else ""
     bias = state.get(f"{prefix}class_embed.bias")
     if bias is None:
@@ -136,8 +162,9 @@ def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
     return args
 
 
-def load_model(path: str, device: torch.device) -> tuple[nn.Module, nn.Module, argparse.Namespace]:
-    """The checkpoint's model in eval mode on ``device``, its box post-processor, and its flags."""
+def load_model(path: str, device: torch.device) -> tuple[nn.Module, Optional[nn.Module], argparse.Namespace]:
+    """The checkpoint's model in eval mode on ``device``, its box post-processor (None for a
+    classifier), and its flags."""
     checkpoint = read_checkpoint(path, flag="--checkpoint")
     args = model_args(checkpoint, path)
     try:
@@ -147,11 +174,13 @@ def load_model(path: str, device: torch.device) -> tuple[nn.Module, nn.Module, a
     for note in load_model_weights(model, checkpoint["model"], path, built_from="its stored args",
                                    advice="the weights are of another architecture"):
         print(note, file=sys.stderr)
-    return model.to(device).eval(), postprocessors["bbox"], args
+    return model.to(device).eval(), postprocessors.get("bbox"), args
 
 
 def category_names(categories_file: Optional[str], args: argparse.Namespace) -> tuple[dict[int, str], Optional[str]]:
     """Class id -> name, and the file it came from (see the ``--help`` epilog for the order)."""
+    if categories_file is None and args.task == "classification":
+        return class_folder_names(args)
     if categories_file is None:
         root, candidates = ((args.coco_panoptic_path, PANOPTIC_CATEGORY_FILES) if args.dataset_file == "coco_panoptic"
                             else (args.coco_path, CATEGORY_FILES))
@@ -167,6 +196,31 @@ def category_names(categories_file: Optional[str], args: argparse.Namespace) -> 
     return {c["id"]: c["name"] for c in entries}, categories_file
 
 
+def class_folder_names(args: argparse.Namespace) -> tuple[dict[int, str], Optional[str]]:
+    """Class index -> name from the class folders of a classifier's ``--data_path`` (``train``, then
+    ``val``; ImageFolder's sorted order) when they are as many as its classes, and that folder."""
+    for split in CLASS_FOLDERS:
+        folder = os.path.join(args.data_path or "", split)
+        try:
+            names = class_folders(folder)
+        except UserError:  # moved or never here: the names are only a convenience
+            continue
+        if len(names) == args.num_classes:
+            return dict(enumerate(names)), folder
+    return {}, None
+
+
+def poll_maps(sampled: SampledTokens, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, on the CPU: ``(B, L)`` bool, the positions polled as fine tokens, and ``(B, L)``
+    the pool's weight on each position, summed over the ``M`` coarse tokens and divided by ``M``."""
+    batch = sampled.poll_index.shape[0]
+    polled = torch.zeros(batch, num_positions, dtype=torch.bool, device=sampled.poll_index.device)
+    fine_pad = torch.arange(sampled.num_fine, device=polled.device)[None] >= sampled.num_polled[:, None]
+    polled.scatter_(1, sampled.poll_index, ~fine_pad)
+    mass = sampled.pool_weights.float().sum(1) / sampled.pool_weights.shape[1]
+    return polled.cpu(), mass.cpu()
+
+
 def poll_grids(sampled: SampledTokens, features: ImageFeatures, samples: NestedTensor,
                sizes: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[PollGrid]:
     """Each image's ``PollGrid`` from the sampler's output of its batch.
@@ -178,11 +232,7 @@ def poll_grids(sampled: SampledTokens, features: ImageFeatures, samples: NestedT
     batch, _, height, width = features.src.shape
     stride_h = samples.tensors.shape[-2] / height
     stride_w = samples.tensors.shape[-1] / width
-    polled = torch.zeros(batch, height * width, dtype=torch.bool, device=sampled.poll_index.device)
-    fine_pad = torch.arange(sampled.num_fine, device=polled.device)[None] >= sampled.num_polled[:, None]
-    polled.scatter_(1, sampled.poll_index, ~fine_pad)
-    polled = polled.view(batch, height, width).cpu()
-    mass = (sampled.pool_weights.float().sum(1) / sampled.pool_weights.shape[1]).view(batch, height, width).cpu()
+    polled, mass = (m.view(batch, height, width) for m in poll_maps(sampled, height * width))
     valid = ~features.mask.cpu()
     grids = []
     for b, ((input_h, input_w), (orig_h, orig_w)) in enumerate(sizes):
@@ -218,6 +268,46 @@ def predict(model: nn.Module, postprocess: nn.Module, paths: list[Path], eval_si
             yield path, image, {k: v.cpu() for k, v in result.items()}, grid
 
 
+@torch.no_grad()
+def classify(model: PnPViT, paths: list[Path], trained: argparse.Namespace, ratio: Optional[float],
+             device: torch.device, batch_size: int, with_poll: bool
+             ) -> Iterator[tuple[Path, Image.Image, Image.Image, torch.Tensor, Optional[PollGrid]]]:
+    """Per image, in order: its path, the RGB image, the model's input as an RGB image (after the
+    evaluation transform's resize and centre crop), the ``(num_classes,)`` class probabilities and
+    (``with_poll``) its ``PollGrid`` on the patch grid of that input."""
+    transform = build_transform(False, trained)
+    side, patch = trained.input_size // trained.patch_size, trained.patch_size
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images = [read_image(str(path)) for path in chunk]
+        inputs = torch.stack([transform(image) for image in images]).to(device)
+        outputs = model(inputs, ratio)
+        probabilities = outputs["logits"].float().softmax(-1).cpu()
+        grids: list[Optional[PollGrid]] = [None] * len(chunk)
+        if with_poll:
+            polled, mass = poll_maps(outputs["sampled"], side * side)
+            grids = [PollGrid(polled=p.view(side, side), pool_mass=m.view(side, side), cell=(patch, patch))
+                     for p, m in zip(polled, mass)]
+        for path, image, tensor, probs, grid in zip(chunk, images, inputs.cpu(), probabilities, grids):
+            yield path, image, input_image(tensor), probs, grid
+
+
+def top_classes(probabilities: torch.Tensor, names: dict[int, str]) -> list[dict[str, Any]]:
+    """The ``TOP_CLASSES`` most probable classes, best first: ``class_id``, ``class`` (its name) and
+    ``score`` (the probability, rounded to 1e-4)."""
+    scores, indices = probabilities.topk(min(TOP_CLASSES, len(probabilities)))
+    return [{"class_id": i, "class": names.get(i, f"class_{i}"), "score": round(p, 4)}
+            for p, i in zip(scores.tolist(), indices.tolist())]
+
+
+def class_panel(view: Image.Image, best: dict[str, Any], scale: float) -> Image.Image:
+    """The model's input, framed and labelled ``"name 0.93"`` in its class's colour (the whole
+    input drawn as one detection)."""
+    frame = {"bbox": [0, 0, view.width - 1, view.height - 1], "category_id": best["class_id"],
+             "category": best["class"], "score": best["score"]}
+    return draw_detections(view, [frame], scale)
+
+
 def detections(result: dict[str, torch.Tensor], threshold: float, names: dict[int, str]) -> list[dict[str, Any]]:
     """The queries scoring above ``threshold``, best first, as the COCO result dicts of evaluation
     plus the category name, without ``image_id``: ``bbox`` xywh in pixels rounded to 0.01,
@@ -235,25 +325,37 @@ def main(args: argparse.Namespace) -> None:
     paths = list_images(args.images)
     pictures = picture_paths(paths, args.draw) if args.draw is not None else None
     model, postprocess, trained = load_model(args.checkpoint, device)
+    classifier = trained.task == "classification"
     if args.show_poll and not model.uses_pnp:
-        raise UserError(f"--show_poll: {args.checkpoint} is a DETR checkpoint: it has no poll-and-pool sampler")
+        raise UserError(f"--show_poll: {args.checkpoint} is a {'ViT' if classifier else 'DETR'} checkpoint: "
+                        "it has no poll-and-pool sampler")
     ratio = (args.sample_topk_ratio or trained.sample_topk_ratio) if model.uses_pnp else None
     names, names_from = category_names(args.categories, trained)
     if pictures is not None:
         Path(args.draw).mkdir(parents=True, exist_ok=True)
 
-    entries = []
-    for index, (path, image, result, grid) in enumerate(predict(model, postprocess, paths, trained.eval_size, ratio,
-                                                                device, args.batch_size, args.show_poll)):
-        dets = detections(result, args.threshold, names)
-        entries.append({"file": str(path), "width": image.width, "height": image.height, "detections": dets})
+    def save_picture(index: int, panel: Image.Image, view: Image.Image, grid: Optional[PollGrid]) -> None:
         if pictures is not None:
-            panels = [draw_detections(image, dets, args.draw_scale)]
-            if grid is not None:
-                panels.append(draw_poll(image, grid, args.draw_scale))
+            panels = [panel] + ([draw_poll(view, grid, args.draw_scale)] if grid is not None else [])
             side_by_side(panels).save(pictures[index])
-    header = {"checkpoint": args.checkpoint, "sample_topk_ratio": ratio, "threshold": args.threshold,
-              "box_format": BOX_FORMAT, "category_names": names_from}
+
+    entries = []
+    if classifier:
+        for index, (path, image, view, probs, grid) in enumerate(classify(model, paths, trained, ratio, device,
+                                                                          args.batch_size, args.show_poll)):
+            classes = top_classes(probs, names)
+            entries.append({"file": str(path), "width": image.width, "height": image.height, "classes": classes})
+            save_picture(index, class_panel(view, classes[0], args.draw_scale), view, grid)
+        header = {"checkpoint": args.checkpoint, "task": "classification", "sample_topk_ratio": ratio,
+                  "class_names": names_from}
+    else:
+        for index, (path, image, result, grid) in enumerate(predict(model, postprocess, paths, trained.eval_size,
+                                                                    ratio, device, args.batch_size, args.show_poll)):
+            dets = detections(result, args.threshold, names)
+            entries.append({"file": str(path), "width": image.width, "height": image.height, "detections": dets})
+            save_picture(index, draw_detections(image, dets, args.draw_scale), image, grid)
+        header = {"checkpoint": args.checkpoint, "sample_topk_ratio": ratio, "threshold": args.threshold,
+                  "box_format": BOX_FORMAT, "category_names": names_from}
     text = report_json(header, entries)
     if args.output is None:
         sys.stdout.write(text)

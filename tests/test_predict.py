@@ -1,4 +1,4 @@
-"""predict.py: detections as JSON, pictures, the poll grid and one-line errors."""
+"""predict.py: detections (or a ViT's classes) as JSON, pictures, the poll grid and one-line errors."""
 import argparse
 import json
 import shutil
@@ -12,15 +12,17 @@ from torch.utils.data import DataLoader
 import main
 import predict
 from datasets import build_dataset
+from datasets.classification import build_classification_dataset
 from datasets.coco import box_target, read_image
+from datasets.synthetic import CATEGORIES
 from datasets.transforms import make_coco_transforms
 from models import build_model
 from models.detr import PostProcess
 from models.pnp import poll_counts
 from util.checkpoint import plain_args
-from util.draw import PANEL_GAP
+from util.draw import PALETTE, PANEL_GAP
 from util.misc import collate_fn
-from conftest import assert_one_line_error
+from conftest import TINY_CLASSIFICATION_FLAGS, assert_one_line_error
 
 RATIO, BATCH = 0.5, 3
 
@@ -283,3 +285,128 @@ def test_two_images_of_one_name_drawn_to_one_file_are_named(checkpoint, val_fold
     code, _, err = _run(["--checkpoint", str(checkpoint), str(image), str(twin), "--device", "cpu",
                          "--draw", str(tmp_path / "pictures")], capsys)
     assert_one_line_error(code, err, "--draw", str(image), str(twin))
+
+
+# ----------------------------------------------------------------------------- classification
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory, classification_root) -> tuple[Path, Path, list[str]]:
+    """A tiny PnP-ViT trained one epoch on the tiny synthetic classification set: its checkpoint,
+    the data root and the training flags."""
+    out = tmp_path_factory.mktemp("vit_run")
+    flags = TINY_CLASSIFICATION_FLAGS + ["--data_path", classification_root]
+    assert main.run(flags + ["--epochs", "1", "--eval_every", "0", "--output_dir", str(out)]) == 0
+    return out / "checkpoint.pth", Path(classification_root), flags
+
+
+def _val_images(root: Path) -> list[str]:
+    return [str(root / "val" / name) for name in sorted(CATEGORIES)]
+
+
+def test_classification_json_holds_the_models_most_probable_classes(vit, tmp_path, capsys):
+    checkpoint, root, flags = vit
+    out = tmp_path / "classes.json"
+    code, _, err = _run(["--checkpoint", str(checkpoint), *_val_images(root), "--sample_topk_ratio", str(RATIO),
+                         "--batch_size", "4", "--device", "cpu", "--output", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["task"] == "classification" and report["sample_topk_ratio"] == RATIO
+    assert report["class_names"] == str(root / "train")
+
+    state = torch.load(checkpoint, weights_only=True)
+    args = main.parse_args(flags + ["--num_classes", "6"])
+    model = build_model(args)[0].eval()
+    model.load_state_dict(state["model"])
+    dataset = build_classification_dataset("val", args)
+    assert [e["file"] for e in report["images"]] == [path for path, _ in dataset.samples]
+    with torch.no_grad():
+        probabilities = model(torch.stack([image for image, _ in dataset]), RATIO)["logits"].softmax(-1)
+    for entry, expected in zip(report["images"], probabilities):
+        assert (entry["width"], entry["height"]) == (40, 40)
+        classes = entry["classes"]
+        scores = [c["score"] for c in classes]
+        assert len(classes) == 5 and scores == sorted(scores, reverse=True)
+        for c in classes:
+            assert c["class"] == dataset.classes[c["class_id"]]
+            assert c["score"] == pytest.approx(float(expected[c["class_id"]]), abs=1e-4)
+        assert classes[0]["class_id"] == int(expected.argmax())
+
+
+def test_classification_pictures_show_the_class_and_the_poll(vit, tmp_path, capsys):
+    checkpoint, root, _ = vit
+    pictures = tmp_path / "pictures"
+    code, out, err = _run(["--checkpoint", str(checkpoint), str(root / "val" / "ring"), "--device", "cpu",
+                           "--draw", str(pictures), "--show_poll", "--draw_scale", "2"], capsys)
+    assert code == 0, err
+    best = json.loads(out)["images"][0]["classes"][0]
+    with Image.open(pictures / "000004.png") as picture:
+        assert picture.size == (2 * 64 + PANEL_GAP, 64)  # the 32-pixel input, twice, in two panels
+        # the first panel is framed in the colour of the most probable class
+        assert picture.getpixel((0, 40)) == PALETTE[best["class_id"] % len(PALETTE)]
+
+
+@pytest.mark.parametrize("ratio", [RATIO, 1.0])
+def test_classification_poll_grid_is_the_samplers_poll(vit, ratio):
+    checkpoint, root, _ = vit
+    model, postprocess, args = predict.load_model(str(checkpoint), torch.device("cpu"))
+    assert postprocess is None and model.uses_pnp
+    paths = predict.list_images(_val_images(root)[:3])
+    outputs = list(predict.classify(model, paths, args, ratio, torch.device("cpu"), batch_size=2, with_poll=True))
+    assert len(outputs) == 3
+    transform = build_classification_dataset("val", args).transform
+    for path, image, view, probabilities, grid in outputs:
+        assert view.size == (32, 32) and image.size == (40, 40)
+        assert probabilities.shape == (6,) and float(probabilities.sum()) == pytest.approx(1.0, abs=1e-5)
+        assert grid.polled.shape == grid.pool_mass.shape == (4, 4) and grid.cell == (8, 8)
+        with torch.no_grad():
+            sampled = model(transform(read_image(str(path)))[None], ratio)["sampled"]
+        expected = torch.zeros(16, dtype=torch.bool)
+        expected[sampled.poll_index[0]] = True
+        assert torch.equal(grid.polled.flatten(), expected)
+        assert int(grid.polled.sum()) == int(poll_counts(torch.tensor([16]), ratio))
+        assert float(grid.pool_mass[grid.polled].sum()) == 0.0
+        assert float(grid.pool_mass.sum()) == pytest.approx(0.0 if ratio == 1.0 else 1.0, abs=1e-5)
+
+
+def test_classification_class_names_fall_back_and_can_be_given(vit, tmp_path, capsys):
+    checkpoint, root, _ = vit
+    state = torch.load(checkpoint, weights_only=True)
+    state["args"]["data_path"] = str(tmp_path / "gone")
+    moved = tmp_path / "moved.pth"
+    torch.save(state, moved)
+    image = _val_images(root)[0]
+    code, out, err = _run(["--checkpoint", str(moved), image, "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["class_names"] is None
+    assert all(c["class"] == f"class_{c['class_id']}" for c in report["images"][0]["classes"])
+    custom = tmp_path / "names.json"
+    custom.write_text(json.dumps({"categories": [{"id": i, "name": f"shape{i}"} for i in range(6)]}))
+    code, out, err = _run(["--checkpoint", str(moved), image, "--device", "cpu", "--categories", str(custom)], capsys)
+    assert code == 0, err
+    assert all(c["class"] == f"shape{c['class_id']}" for c in json.loads(out)["images"][0]["classes"])
+
+
+def test_plain_vit_checkpoint_is_rebuilt_from_its_weights(vit, tmp_path, capsys):
+    checkpoint, root, _ = vit
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("sampler.")}
+    state["args"]["no_pnp"] = False  # the weights decide
+    plain = tmp_path / "plain.pth"
+    torch.save(state, plain)
+    image = _val_images(root)[0]
+    code, out, err = _run(["--checkpoint", str(plain), image, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["sample_topk_ratio"] is None
+    code, _, err = _run(["--checkpoint", str(plain), image, "--device", "cpu", "--show_poll",
+                         "--draw", str(tmp_path / "pictures")], capsys)
+    assert_one_line_error(code, err, str(plain), "--show_poll", "ViT checkpoint", "no poll-and-pool sampler")
+
+
+def test_classification_checkpoint_without_a_head_is_named(vit, tmp_path, capsys):
+    checkpoint, root, _ = vit
+    state = torch.load(checkpoint, weights_only=True)
+    del state["model"]["head.bias"]
+    headless = tmp_path / "headless.pth"
+    torch.save(state, headless)
+    code, _, err = _run(["--checkpoint", str(headless), _val_images(root)[0], "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, str(headless), "head.bias", "not a ViT/PnP-ViT checkpoint")
