@@ -37,10 +37,10 @@ from util.onnx import OnnxDetector
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 BOX_FORMAT = "bbox is [x, y, width, height] in pixels of the original image (COCO), clipped to the image"
 CATEGORY_FILES = ("annotations/instances_val2017.json", "annotations/instances_train2017.json")
+PANOPTIC_CATEGORY_FILES = ("annotations/panoptic_val2017.json", "annotations/panoptic_train2017.json")
 CLASS_FOLDERS = ("train", "val")
 VIT_SAMPLER_PREFIX = "sampler."
 TOP_CLASSES = 5
-PANOPTIC_CATEGORY_FILES = ("annotations/panoptic_val2017.json", "annotations/panoptic_train2017.json")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -135,7 +135,8 @@ def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
 
     The weights decide the class count (``class_embed``, a ViT's ``head``) and whether the model
     has a sampler (official DETR checkpoints store no ``no_pnp``); keys main.py does not know are
-    ignored. Nothing is downloaded: the stored ``--vit_weights`` are replaced by the checkpoint's.
+    ignored. Nothing is downloaded: a stored ``--vit_weights`` becomes none (the checkpoint's
+    weights are loaded instead).
     """
     saved = checkpoint.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved

@@ -20,7 +20,7 @@ from util.checkpoint import load_model_weights
 from util.errors import UserError
 
 from .pnp import PollAndPoolSampler, SampledTokens
-from .vit_archs import VIT_ARCHS
+from .vit_archs import GLOBAL_POOLS, VIT_ARCHS
 
 
 class PnPViT(nn.Module):
@@ -39,8 +39,11 @@ class PnPViT(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  num_classes: int, pnp_after_block: int, sampler: Optional[PollAndPoolSampler] = None,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, global_pool: str = "token"):
         super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise UserError(f"--global_pool: expected one of {GLOBAL_POOLS}, got {global_pool!r}")
+        self.global_pool = global_pool
         if not 0 <= pnp_after_block < depth:
             raise UserError(f"--pnp_after_block must lie in 0..{depth - 1} (the ViT has {depth} blocks), "
                             f"got {pnp_after_block}")
@@ -89,7 +92,8 @@ class PnPViT(nn.Module):
             if sampled.num_fine == self.num_patches:  # ratio 1: every image's pool is empty, drop its M slots
                 patches = patches[:, :sampled.num_fine]
         tokens = self.norm(self.blocks[self.pnp_after_block:](torch.cat([cls, patches], dim=1)))
-        out: dict[str, Any] = {"logits": self.head(tokens[:, 0]), "sampled": sampled}
+        pooled = tokens[:, 0] if self.global_pool == "token" else tokens[:, 1:].mean(dim=1)
+        out: dict[str, Any] = {"logits": self.head(pooled), "sampled": sampled}
         if sampled is not None:
             out["sample_reg_loss"] = sampled.sample_reg_loss
         return out
@@ -152,7 +156,8 @@ def build_vit(args: Any) -> PnPViT:
         sampler = PollAndPoolSampler(arch.embed_dim, num_coarse, default_ratio=args.sample_topk_ratio,
                                      score_pred_net=args.score_pred_net, kproj_net=args.kproj_net)
     return PnPViT(args.input_size, args.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
-                  args.num_classes, args.pnp_after_block, sampler, drop_path=args.drop_path)
+                  args.num_classes, args.pnp_after_block, sampler, drop_path=args.drop_path,
+                  global_pool=args.global_pool)
 
 
 def vit_state_dict(source: str, arch_name: str) -> dict[str, Tensor]:

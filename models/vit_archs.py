@@ -1,4 +1,4 @@
-"""The ViT architectures PnP-ViT builds (``--vit_arch``), kept apart from ``models.vit`` so that the
+"""The ViT architectures PnP-ViT builds (``--vit_arch``, ``--global_pool``), kept apart from ``models.vit`` so that the
 flags (``util/flags.py``, which ``hubconf.py`` imports) can name them without importing timm."""
 from dataclasses import dataclass
 from typing import Optional
@@ -13,6 +13,10 @@ class VitArch:
     num_heads: int
     timm_weights: Optional[str] = None
 
+
+# What the head reads: the class token (ViT, DeiT) or the mean of the other tokens (the fine and
+# coarse ones after the sampler), which learns faster from scratch on small data.
+GLOBAL_POOLS = ("token", "avg")
 
 VIT_ARCHS = {
     "demo": VitArch(embed_dim=128, depth=6, num_heads=4),

@@ -15,7 +15,7 @@ def vit_flags(**overrides) -> SimpleNamespace:
     values = dict(vit_arch="demo", num_classes=5, input_size=32, patch_size=8, no_pnp=False,
                   unsample_abstract_number=3, sample_topk_ratio=0.5, score_pred_net="2layer-fc-16",
                   kproj_net="1layer-fc", pnp_after_block=1, drop_path=0.0, sample_reg_loss=1e-4,
-                  mixup=0.0, cutmix=0.0, smoothing=0.1)
+                  mixup=0.0, cutmix=0.0, smoothing=0.1, global_pool="token")
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -156,3 +156,16 @@ def test_criterion_with_labels_soft_targets_and_regulariser():
     hard = ClassificationCriterion({"loss_ce": 1.0})(outputs, torch.tensor([0, 2]))
     assert torch.allclose(criterion(outputs, soft)["loss_ce"], hard["loss_ce"])  # soft targets: no extra smoothing
     assert losses["loss_ce"] > hard["loss_ce"]  # label smoothing 0.1 on the hard labels
+
+
+def test_avg_pool_reads_the_mean_of_the_fine_and_coarse_tokens():
+    torch.manual_seed(0)
+    model = build_vit(vit_flags(global_pool="avg")).eval()
+    seen = []
+    handle = model.norm.register_forward_hook(lambda _, args, out: seen.append(out))
+    logits = model(torch.rand(2, 3, 32, 32), 0.5)["logits"]
+    handle.remove()
+    assert seen[0].shape == (2, 1 + 8 + 3, 128)
+    assert torch.allclose(logits, model.head(seen[0][:, 1:].mean(1)))
+    with pytest.raises(UserError, match="--global_pool"):
+        build_vit(vit_flags(global_pool="max"))

@@ -10,12 +10,12 @@ from typing import Any, Optional
 import torch
 
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
-from models.vit_archs import VIT_ARCHS
+from models.vit_archs import GLOBAL_POOLS, VIT_ARCHS
 from util.errors import UserError
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
 TASKS = ("detection", "classification")
-DEFAULT_PNP_AFTER_BLOCK = 4
+DEFAULT_PNP_AFTER_BLOCK = 2  # of 12 blocks; README "PnP-ViT" says why
 AUGMENTATIONS = ("detr", "flip")  # --augment: datasets.transforms.make_coco_transforms
 
 
@@ -79,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_ratio_lower_bound", default=1 / 3, type=float, help="lowest training poll ratio")
     g.add_argument("--sample_ratio_higher_bound", default=0.8, type=float, help="highest training poll ratio")
     g.add_argument("--unsample_abstract_number", default=0, type=int,
-                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8)")
+                   help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8; ViT: the patch grid's side)")
     g.add_argument("--score_pred_net", default="2layer-fc-256", choices=SCORE_PRED_NETS,
                    help="poll score network: C->C->1, C->16->1 or C->1 1x1 convs")
     g.add_argument("--kproj_net", default="1layer-fc", choices=KPROJ_NETS,
@@ -98,6 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="ViT weights to start from: none, timm (timm's published ImageNet weights of --vit_arch, "
                         "downloaded if not cached) or a PATH to a timm/DeiT checkpoint; the sampler starts fresh")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate of the last block")
+    g.add_argument("--global_pool", default="token", choices=GLOBAL_POOLS,
+                   help="what the head reads: token (the class token, as ViT/DeiT) or avg (the mean of the other "
+                        "tokens; learns faster from scratch on small data)")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
     g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0: off; timm's Mixup)")
     g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
