@@ -36,7 +36,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     max_norm: float = 0.0, ratio_bounds: Optional[tuple[float, float]] = None,
                     amp: bool = False, print_freq: int = 10,
                     rng: Optional[random.Random] = None) -> dict[str, float]:
-    """Train for one pass over ``data_loader``; returns the epoch averages of the logged values.
+    """Train for one pass over ``data_loader``; returns the epoch averages of the logged values
+    and ``images_per_s``, this process's training speed over the epoch (data loading included).
 
     With ``ratio_bounds = (lower, upper)`` every iteration draws its poll ratio from
     ``Uniform(lower, upper)`` with ``rng`` (each process has its own draws).
@@ -76,7 +77,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if ratio is not None:
             logger.update(ratio=ratio)
     logger.synchronize_between_processes()
-    return {k: meter.global_avg for k, meter in logger.meters.items()}
+    return {**{k: meter.global_avg for k, meter in logger.meters.items()}, "images_per_s": logger.images_per_s}
 
 
 def ratio_key(ratio: Optional[float]) -> str:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.misc import (NestedTensor, SmoothedValue, collate_fn, nested_tensor_from_tensor_list,
+from util.misc import (MetricLogger, NestedTensor, SmoothedValue, collate_fn, nested_tensor_from_tensor_list,
                        to_nested_tensor)
 
 
@@ -153,3 +153,13 @@ def test_smoothed_value_empty_global_avg_is_zero_and_str_formats():
     meter.update(4.0)
     # torch's median of an even window is the lower middle value.
     assert str(meter) == "1.0|2.50|4"
+
+
+def test_log_every_reports_the_images_per_second_of_its_pass(monkeypatch, capsys):
+    clock = [100.0]
+    monkeypatch.setattr("util.misc.time.time", lambda: clock[0])
+    logger = MetricLogger()
+    for _ in logger.log_every([[0, 1], [2, 3], [4]], print_freq=2, header="Epoch: [0]", batch_size_of=len):
+        clock[0] += 0.5  # each batch takes half a second
+    assert logger.images_per_s == pytest.approx(5 / 1.5)
+    assert "(0.500 s/it, 3.3 img/s)" in capsys.readouterr().out
