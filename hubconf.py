@@ -3,14 +3,15 @@
 Every entry point builds the published architecture for COCO (91 classes + no-object; the
 panoptic ones 250, as DETR's panoptic checkpoints) and downloads nothing unless
 ``pretrained=True`` is asked for, which needs ``checkpoint_url``: the original PnP-DETR
-release published no stable weight URLs.
+release published no stable weight URLs. The models come on the fast path (``models.fast_path``:
+channels-last convolutions).
 """
 from typing import Optional
 
 from torch import nn
 
 from main import parse_args
-from models import build_model
+from models import build_model, fast_path
 from models.detr import DETR, PostProcess
 from models.segmentation import DETRsegm, PostProcessPanoptic
 from util.checkpoint import load_model_weights, read_checkpoint
@@ -31,7 +32,7 @@ def _build(flags: list[str], num_classes: int, pretrained: bool,
             raise ValueError("pretrained=True needs checkpoint_url=<path or URL of a DETR/PnP-DETR checkpoint>")
         for note in load_model_weights(model, read_checkpoint(checkpoint_url)["model"], checkpoint_url):
             print(note)
-    return model, postprocessors
+    return fast_path(model), postprocessors
 
 
 def _entry(flags: list[str], doc: str):

@@ -26,7 +26,7 @@ from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
 from datasets.transforms import AUGMENTATIONS
 from engine import NonFiniteLossError, evaluate, ratio_key, train_one_epoch
-from models import build_model
+from models import build_model, fast_path
 from models.backbone import load_backbone_weights
 from models.pnp import KPROJ_NETS, SCORE_PRED_NETS
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
@@ -54,9 +54,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", default=300, type=int, help="number of training epochs")
     g.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr drops 10x")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (loss, matcher, post-processing stay fp32)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (loss, matcher, post-processing stay fp32); on a CPU, faster only with "
+                        "native bf16 (AMX or AVX512-BF16): elsewhere it warns and runs slower")
     g.add_argument("--channels_last", action="store_true",
-                   help="keep convolution weights and activations channels-last (faster oneDNN/cuDNN convolutions)")
+                   help="channels-last convolutions: the default now (kept so that old commands and presets work)")
+    g.add_argument("--no_channels_last", action="store_true",
+                   help="keep the convolutions in the contiguous layout (the default is channels-last: faster "
+                        "oneDNN/cuDNN convolutions, same results up to float rounding)")
     g = p.add_argument_group("model")
     g.add_argument("--frozen_weights", type=str, default=None,
                    help="pretrained detector whose weights stay frozen (panoptic mask-head training)")
@@ -213,6 +218,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--flops_images must be 0 or more, got {args.flops_images}")
     if args.baseline_eval and not args.eval:
         raise UserError("--baseline_eval is only used with --eval")
+    if args.channels_last and args.no_channels_last:
+        raise UserError("--channels_last and --no_channels_last contradict each other: give one")
     if args.tensorboard and not args.eval and not args.output_dir:
         raise UserError("--tensorboard logs to output_dir/tensorboard: give --output_dir")
 
@@ -314,6 +321,9 @@ def main(args: argparse.Namespace) -> None:
     check_args(args)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
+    warning = utils.slow_bf16_warning(device) if args.amp else None
+    if warning:
+        print(warning)
     seed_everything(args.seed)
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
@@ -341,7 +351,7 @@ def main(args: argparse.Namespace) -> None:
     model, criterion, postprocessors = build_model(args)
     if args.masks:
         postprocessors["panoptic"] = PostProcessPanoptic(dataset_val.is_thing_map)
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    fast_path(model.to(device), channels_last=not args.no_channels_last)
     criterion.to(device)
     if args.compile:  # in place: the state_dict keys stay those of the eager model
         model.backbone.compile()

@@ -19,7 +19,7 @@ from datasets.coco import box_target, read_image, read_json_object
 from datasets.coco_eval import to_coco_results
 from datasets.transforms import make_coco_transforms
 from main import get_args_parser as training_parser
-from models import build_model
+from models import build_model, fast_path
 from models.detr import ImageFeatures
 from models.pnp import SampledTokens
 from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
@@ -137,7 +137,8 @@ def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
 
 
 def load_model(path: str, device: torch.device) -> tuple[nn.Module, nn.Module, argparse.Namespace]:
-    """The checkpoint's model in eval mode on ``device``, its box post-processor, and its flags."""
+    """The checkpoint's model in eval mode on ``device`` on the fast path (``models.fast_path``), its box
+    post-processor, and its flags."""
     checkpoint = read_checkpoint(path, flag="--checkpoint")
     args = model_args(checkpoint, path)
     try:
@@ -147,7 +148,7 @@ def load_model(path: str, device: torch.device) -> tuple[nn.Module, nn.Module, a
     for note in load_model_weights(model, checkpoint["model"], path, built_from="its stored args",
                                    advice="the weights are of another architecture"):
         print(note, file=sys.stderr)
-    return model.to(device).eval(), postprocessors["bbox"], args
+    return fast_path(model.to(device).eval()), postprocessors["bbox"], args
 
 
 def category_names(categories_file: Optional[str], args: argparse.Namespace) -> tuple[dict[int, str], Optional[str]]:

@@ -7,6 +7,7 @@ import torch
 import main
 from engine import _autocast
 from models.detr import build
+from util.misc import slow_bf16_warning
 
 TARGETS = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]])},
            {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.1]])}]
@@ -29,9 +30,11 @@ def test_model_runs_in_bf16_while_losses_and_boxes_stay_float32():
     assert results[0]["boxes"].dtype == results[0]["scores"].dtype == torch.float32
 
 
-def test_amp_trains_and_evaluates_on_cpu(tiny_flags, tmp_path):
+def test_amp_trains_and_evaluates_on_cpu(tiny_flags, tmp_path, capsys):
     flags = tiny_flags + ["--amp", "--output_dir", str(tmp_path)]
     assert main.run(flags + ["--epochs", "1", "--eval_every", "0", "--eval_ratios", "0.5"]) == 0
+    warning = slow_bf16_warning(torch.device("cpu"))
+    assert warning is None or warning in capsys.readouterr().out  # said on a CPU without native bf16
     log = json.loads((tmp_path / "log.txt").read_text())
     assert math.isfinite(log["train_loss"])
     assert main.run(flags + ["--eval", "--eval_ratios", "0.5", "--flops_images", "1"]) == 0

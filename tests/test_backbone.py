@@ -262,3 +262,57 @@ def test_load_backbone_weights_of_another_depth_is_a_user_error(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     with pytest.raises(UserError, match="--backbone_weights.*another ResNet depth"):
         load_backbone_weights(Backbone("resnet18", True, False, False), str(path))
+
+
+def _random_statistics(module: nn.Module) -> None:
+    """Non-trivial frozen statistics, as pretrained weights have."""
+    gen = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if not isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+            continue
+        with torch.no_grad():
+            m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) / 10)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) / 10)
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+
+
+def test_fast_frozen_batch_norm_computes_torchvisions_in_training_too():
+    from models.backbone import FrozenBatchNorm2d as FastFrozenBatchNorm2d
+
+    fast, plain = FastFrozenBatchNorm2d(16), FrozenBatchNorm2d(16)
+    _random_statistics(fast)
+    plain.load_state_dict(fast.state_dict())
+    assert list(fast.state_dict()) == list(plain.state_dict()) == ["weight", "bias", "running_mean", "running_var"]
+    for training in (False, True):
+        fast.train(training)
+        x = torch.randn(2, 16, 5, 7, requires_grad=True)
+        x_plain = x.detach().clone().requires_grad_()
+        out, expected = fast(x), plain(x_plain)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-5, atol=1e-6)
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    fast(torch.randn(2, 16, 3, 3))  # training mode: nothing is updated
+    assert all(torch.equal(before[k], v) for k, v in fast.state_dict().items())
+
+
+def test_fast_frozen_batch_norm_loads_checkpoints_with_or_without_the_counter():
+    from models.backbone import FrozenBatchNorm2d as FastFrozenBatchNorm2d
+
+    trained = nn.BatchNorm2d(8)
+    _random_statistics(trained)
+    frozen = FastFrozenBatchNorm2d(8)
+    frozen.load_state_dict(trained.state_dict())  # holds num_batches_tracked, as scratch checkpoints
+    assert all(torch.equal(getattr(frozen, k), getattr(trained, k))
+               for k in ("weight", "bias", "running_mean", "running_var"))
+    assert "num_batches_tracked" not in frozen.state_dict()
+
+
+def test_the_backbone_runs_the_fast_frozen_batch_norm(resnet18_frozen):
+    from models.backbone import FrozenBatchNorm2d as FastFrozenBatchNorm2d
+
+    norms = [m for m in resnet18_frozen.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(type(m) is FastFrozenBatchNorm2d for m in norms)

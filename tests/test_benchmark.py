@@ -93,3 +93,59 @@ def test_compile_also_compiles_the_encoder_decoder_and_sampler_columns():
         expected = expected.tokens if part == "sampler_latency" else expected
         got = got.tokens if part == "sampler_latency" else got
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+PLAIN_SINCE = "970c717"  # the last commit whose default path was the plain one
+
+
+def test_plain_path_computes_bitwise_what_the_default_path_of_970c717_did(tmp_path):
+    """``--plain`` stands for the old default path: same weights, same input, the same bits."""
+    import subprocess
+    import tarfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    archive = tmp_path / "old.tar"
+    made = subprocess.run(["git", "archive", "-o", str(archive), PLAIN_SINCE], cwd=repo, capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"commit {PLAIN_SINCE} is not in this checkout's history")
+    old = tmp_path / "old"
+    with tarfile.open(archive) as tar:
+        tar.extractall(old, filter="data")
+    flags = [*TINY_MODEL, "--backbone_weights", "imagenet", "--num_classes", "5", "--device", "cpu"]  # FrozenBN
+    script = ("import sys, torch; import main; from models.detr import build\n"
+              "torch.set_num_threads(1); args = main.parse_args(sys.argv[2:])\n"
+              "model = build(args)[0].eval(); model.load_state_dict(torch.load(sys.argv[1] + '/state.pth'))\n"
+              "image = torch.load(sys.argv[1] + '/image.pth')\n"
+              "with torch.no_grad(): out = model(image, 0.5)\n"
+              "torch.save({k: out[k] for k in ('pred_logits', 'pred_boxes')}, sys.argv[1] + '/out.pth')\n")
+    args = benchmark.main.parse_args(flags)
+    torch.manual_seed(0)
+    model = benchmark.build(args)[0].eval()
+    for m in model.modules():
+        if isinstance(m, benchmark.FrozenBatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.normal_(0, 0.1)
+    torch.save(model.state_dict(), tmp_path / "state.pth")
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    torch.save(image, tmp_path / "image.pth")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), *flags], cwd=old, check=True)
+    expected = torch.load(tmp_path / "out.pth")
+
+    plain = benchmark.plain_path(benchmark.fast_path(model))
+    assert not any(isinstance(m, benchmark.FrozenBatchNorm2d) for m in plain.modules())
+    with torch.no_grad():
+        out = plain(image, 0.5)
+    assert all(torch.equal(out[k], v) for k, v in expected.items())
+
+
+def test_plain_rows_are_timed_beside_the_fast_ones_and_checked(tmp_path):
+    output = tmp_path / "bench.json"
+    benchmark.run(["--size", "64", "64", "--variants", "r50", "--ratios", "0.5", "--parts", "latency", "--plain",
+                   "--repeats", "1", "--warmup", "0", "--output", str(output), "--", *TINY_MODEL])
+    report = json.loads(output.read_text())
+    assert [(r["model"], r["ratio"]) for r in report["results"]] == [
+        ("DETR", None), ("PnP-DETR", 0.5), (benchmark.PLAIN, 0.5)]
+    fast, plain = report["results"][1:]
+    check = next(c for c in report["checks"] if "plain path" in c["name"])
+    assert check["value"] == pytest.approx(fast["latency"]["median"] / plain["latency"]["median"])
+    assert check["limit"] == 0.7

@@ -113,6 +113,7 @@ def test_shipped_presets_parse(name):
     (["--sample_topk_ratio", "0"], ["--sample_topk_ratio"]),
     (["--dilation"], ["--dilation", "resnet18"]),
     (["--num_classes", "3"], ["--num_classes"]),
+    (["--channels_last", "--no_channels_last"], ["--channels_last", "--no_channels_last"]),
 ])
 def test_bad_flags_end_in_one_line(tiny_flags, tmp_path, capsys, extra, needles):
     code, _, err = _run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1"] + extra, capsys)
@@ -195,10 +196,14 @@ def test_channels_last_computes_the_same_and_trains(tmp_path, tiny_flags):
         expected = model(images, 0.5)["pred_boxes"]
         model.to(memory_format=torch.channels_last)
         torch.testing.assert_close(model(images, 0.5)["pred_boxes"], expected, atol=1e-5, rtol=1e-4)
-    out = tmp_path / "last"
-    assert main.run(tiny_flags + ["--output_dir", str(out), "--epochs", "1", "--channels_last"]) == 0
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    build_model(args)[0].load_state_dict(checkpoint["model"])
+    for flag, channels_last in (("--channels_last", True), ("--no_channels_last", False)):  # default: the first
+        out = tmp_path / flag
+        assert main.run(tiny_flags + ["--output_dir", str(out), "--epochs", "1", "--eval_every", "0", flag]) == 0
+        checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+        build_model(args)[0].load_state_dict(checkpoint["model"])
+        weight = checkpoint["model"]["backbone.0.body.layer1.0.conv2.weight"]  # torch.save keeps the layout
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert weight.is_contiguous() != channels_last
 
 
 def test_tensorboard_logs_the_scalars_of_log_txt(tmp_path, tiny_flags):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from util.misc import (MetricLogger, NestedTensor, SmoothedValue, collate_fn, nested_tensor_from_tensor_list,
-                       to_nested_tensor)
+                       slow_bf16_warning, to_nested_tensor)
 
 
 def _images():
@@ -163,3 +163,13 @@ def test_log_every_reports_the_images_per_second_of_its_pass(monkeypatch, capsys
         clock[0] += 0.5  # each batch takes half a second
     assert logger.images_per_s == pytest.approx(5 / 1.5)
     assert "(0.500 s/it, 3.3 img/s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,warned", [(False, False, True), (True, False, False), (False, True, False)])
+def test_bf16_is_called_slow_on_cpus_without_native_bf16_only(monkeypatch, avx512_bf16, amx, warned):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    warning = slow_bf16_warning(torch.device("cpu"))
+    assert (warning is not None) == warned
+    assert warning is None or ("--amp" in warning and "slower" in warning and "\n" not in warning)
+    assert slow_bf16_warning(torch.device("cuda")) is None

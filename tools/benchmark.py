@@ -4,10 +4,15 @@
     python tools/benchmark.py --device cuda --train_batch 4   # CUDA: fp32 and bf16 autocast
     python tools/benchmark.py --parts flops latency --variants r50
     python tools/benchmark.py --size 64 96 -- --backbone resnet18 --hidden_dim 32   # main.py flags after --
+    python tools/benchmark.py --plain --ratios 0.33 --parts latency   # the fast path against the plain one
 
 For each backbone variant (``r50``: C5, stride 32; ``dc5``: dilated C5, stride 16) DETR
 (``--no_pnp``) and PnP-DETR are built with the same weights (only the sampler differs) and
-measured on one random image (batch 1) per poll ratio:
+measured on one random image (batch 1) per poll ratio, on the fast path every entry point takes
+(``models.fast_path``; ``-- --no_channels_last`` keeps the contiguous layout). With ``--plain``,
+PnP-DETR is also measured on the plain path, with the same weights: torchvision's
+FrozenBatchNorm2d and the contiguous layout, the default path until commit 970c717
+(tests/test_benchmark.py checks that it computes bitwise what that commit's code computed):
 
 - ``flops``: whole-model, transformer (sampler + encoder + decoder) and sampler GFLOPs,
   one multiply-add = one FLOP;
@@ -25,6 +30,7 @@ same run; the checks of docs/BENCHMARKS.md are printed at the end, and everythin
 written to ``--output`` (JSON).
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,16 +43,21 @@ from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
+from torchvision import ops
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import main  # noqa: E402
+from models import fast_path  # noqa: E402
+from models.backbone import FrozenBatchNorm2d  # noqa: E402
 from models.detr import DETR, build  # noqa: E402
+from util.misc import slow_bf16_warning  # noqa: E402
 from util.flops import CONVENTION, count_flops  # noqa: E402
 
 VARIANT_FLAGS = {"r50": [], "dc5": ["--dilation"]}
+PLAIN = "PnP-DETR plain path"
 PARTS = ("flops", "latency", "eval", "train")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -75,6 +86,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="wall: elapsed time; cpu: CPU time of this process (CPU only: with --threads 1, the "
                         "latency a quiet machine would show, even on a busy one)")
+    p.add_argument("--plain", action="store_true",
+                   help="also measure PnP-DETR on the plain path (torchvision's FrozenBatchNorm2d, contiguous "
+                        "layout: the default path until commit 970c717), same weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmark.json", help="JSON result")
     args = p.parse_args(argv)
@@ -188,10 +202,21 @@ def build_pair(variant: str, model_flags: list[str], device: torch.device, seed:
                                 *extra, *model_flags])
         torch.manual_seed(seed)
         built[name] = build(args)
+        fast_path(built[name][0], channels_last=not args.no_channels_last)
     detr, pnp = built["detr"], built["pnp"]
     pnp[0].load_state_dict(detr[0].state_dict(), strict=False)  # all but the sampler
     label = ("DC5-" if args.dilation else "") + "R" + args.backbone.removeprefix("resnet")
     return label, detr[:2], pnp[:2]
+
+
+def plain_path(model: DETR) -> DETR:
+    """A copy of ``model`` on the plain path: torchvision's FrozenBatchNorm2d forward (five
+    elementwise ops) and contiguous weights, as every entry point ran it until commit 970c717."""
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    for module in plain.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.__class__ = ops.FrozenBatchNorm2d
+    return plain
 
 
 def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: str,
@@ -321,8 +346,10 @@ def checks(results: list[dict[str, Any]], evals: list[dict[str, Any]], device: t
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in results:
         groups.setdefault((row["variant"], row["dtype"]), []).append(row)
-    for (variant, dtype), (detr, *pnp) in groups.items():
+    for (variant, dtype), (detr, *others) in groups.items():
         where = f"{variant} {device.type} {dtype}"
+        pnp = [row for row in others if row["model"] != PLAIN]
+        plain = {row["ratio"]: row for row in others if row["model"] == PLAIN}
         if not pnp:
             continue
         lowest = min(pnp, key=lambda row: row["ratio"])
@@ -331,6 +358,11 @@ def checks(results: list[dict[str, Any]], evals: list[dict[str, Any]], device: t
             value = _latency_per_flop(worst, detr)
             found.append(Check(f"{where}: transformer latency ratio / FLOPs ratio, worst r={worst['ratio']:g}",
                                value, 1.15, value <= 1.15))
+        for row in pnp:
+            if row["ratio"] in plain and "latency" in row:
+                value = row["latency"].median / plain[row["ratio"]]["latency"].median
+                found.append(Check(f"{where}: latency at r={row['ratio']:g} / the plain path (970c717)",
+                                   value, 0.7, value <= 0.7))
         if "latency" in detr and variant.startswith("DC5"):
             value = lowest["latency"].median / detr["latency"].median
             found.append(Check(f"{where}: whole-model latency at r={lowest['ratio']:g} / DETR", value, 0.5, value <= 0.5))
@@ -389,7 +421,7 @@ def benchmark_dtype(configs: list[Config], label: str, dtype: str, image: Tensor
         for i, c in enumerate(configs):
             calls.update({(i, key): fn for key, fn
                           in inference_calls(c.model, image, c.ratio, dtype, device, opts.compile).items()})
-    pnp = configs[-1].model
+    pnp = next(c.model for c in configs if c.name == "PnP-DETR")
     if "eval" in opts.parts:
         calls.update({("eval", key): fn for key, fn in eval_calls(pnp, image, opts.eval_ratios, dtype, device).items()})
     timings = measure(calls, opts.repeats, opts.warmup, device, CLOCKS[opts.clock])
@@ -423,6 +455,9 @@ def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts:
         module.to(device).eval()
     configs = [Config("DETR", detr, detr_criterion, None)]
     configs += [Config("PnP-DETR", pnp, pnp_criterion, r) for r in opts.ratios]
+    if opts.plain:
+        plain = plain_path(pnp)
+        configs += [Config(PLAIN, plain, pnp_criterion, r) for r in opts.ratios]
     flops = {}
     if "flops" in opts.parts:
         flops = {None: count_flops(detr, image[0], [None])[None], **count_flops(pnp, image[0], opts.ratios)}
@@ -458,6 +493,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(opts.seed)).to(device)
     command = "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{command}\n{device_name(device)}, torch {torch.__version__}, input {height}x{width}\n{CONVENTION}")
+    if "bf16" in opts.dtypes and slow_bf16_warning(device):
+        print(slow_bf16_warning(device).replace("--amp", "bf16"))
 
     results: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []

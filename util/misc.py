@@ -85,6 +85,15 @@ def collate_fn(batch: list[tuple[Tensor, dict]], size_divisibility: int = 1
 
 
 # ----------------------------------------------------------------------------- distributed
+def slow_bf16_warning(device: torch.device) -> Optional[str]:
+    """A one-line warning when bf16 autocast on ``device`` will be slower than fp32: a CPU
+    without native bf16 (AMX or AVX512-BF16) emulates it; None on CUDA and on such CPUs."""
+    if device.type != "cpu" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return ("warning: --amp: this CPU has no native bf16 (AMX or AVX512-BF16): bf16 autocast runs, "
+            "but slower than fp32 (see docs/BENCHMARKS.md)")
+
+
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
