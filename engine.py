@@ -52,7 +52,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     rng: Optional[random.Random] = None,
                     batch_transform: Optional[BatchTransform] = None,
                     before_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
-    """Train for one pass over ``data_loader``; returns the epoch averages of the logged values.
+    """Train for one pass over ``data_loader``; returns the epoch averages of the logged values
+    and ``images_per_s``, this process's training speed over the epoch (data loading included).
 
     Batches are ``(samples, targets)``: detection images and one target dict per image, or
     classification images ``(B, 3, H, W)`` and labels ``(B,)`` (then ``batch_transform``, e.g.
@@ -102,7 +103,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if ratio is not None:
             logger.update(ratio=ratio)
     logger.synchronize_between_processes()
-    return {k: meter.global_avg for k, meter in logger.meters.items()}
+    return {**{k: meter.global_avg for k, meter in logger.meters.items()}, "images_per_s": logger.images_per_s}
 
 
 def ratio_key(ratio: Optional[float]) -> str:

@@ -26,6 +26,7 @@ def test_log_has_one_json_object_per_epoch_with_ratio_keys(trained):
     assert [log["epoch"] for log in logs] == [0, 1]
     for log in logs:
         assert log["n_parameters"] > 0 and "train_loss" in log and "train_loss_ce" in log
+        assert log["train_images_per_s"] > 0
         for ratio in ("0.4", "0.9"):
             assert len(log[f"test_ratio_{ratio}_coco_eval_bbox"]) == 12
             assert f"test_ratio_{ratio}_loss" in log

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from util.misc import (NestedTensor, SmoothedValue, collate_fn, gather, nested_tensor_from_tensor_list, owner_rank,
-                       run_spread, slow_bf16_warning, to_nested_tensor)
+from util.misc import (MetricLogger, NestedTensor, SmoothedValue, collate_fn, gather, nested_tensor_from_tensor_list,
+                       owner_rank, run_spread, slow_bf16_warning, to_nested_tensor)
 
 
 def _images():
@@ -162,6 +162,16 @@ def test_one_process_owns_every_job_and_gathers_its_own_data():
     assert run_spread(jobs) == [0, 1, 4] and ran == [0, 1, 2]
     assert [owner_rank(i) for i in range(3)] == [0, 0, 0]
     assert gather({"a": 1}, dst=0) == [{"a": 1}]
+
+
+def test_log_every_reports_the_images_per_second_of_its_pass(monkeypatch, capsys):
+    clock = [100.0]
+    monkeypatch.setattr("util.misc.time.time", lambda: clock[0])
+    logger = MetricLogger()
+    for _ in logger.log_every([[0, 1], [2, 3], [4]], print_freq=2, header="Epoch: [0]", batch_size_of=len):
+        clock[0] += 0.5  # each batch takes half a second
+    assert logger.images_per_s == pytest.approx(5 / 1.5)
+    assert "(0.500 s/it, 3.3 img/s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("avx512_bf16,amx,warned", [(False, False, True), (True, False, False), (False, True, False)])

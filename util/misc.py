@@ -266,6 +266,7 @@ class MetricLogger:
     def __init__(self, delimiter: str = "  "):
         self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.images_per_s = 0.0  # set by log_every at the end of its pass
 
     def update(self, **kwargs: float | Tensor) -> None:
         for name, value in kwargs.items():
@@ -298,7 +299,9 @@ class MetricLogger:
                   batch_size_of=None) -> Iterator:
         """Yield from ``iterable``; every ``print_freq`` steps print meters, img/s and ETA.
 
-        ``batch_size_of(item)`` gives the number of images in an item (for images/s).
+        ``batch_size_of(item)`` gives the number of images in an item (for images/s). When the
+        pass ends, ``self.images_per_s`` holds its speed: images over its wall time, data
+        loading included.
         """
         total = len(iterable)  # type: ignore[arg-type]
         width = len(str(total))
@@ -315,6 +318,7 @@ class MetricLogger:
                     print(f"{header} [{i + 1:{width}d}/{total}]  eta: {datetime.timedelta(seconds=int(eta))}"
                           f"  {rate:.1f} img/s  {self}", flush=True)
         total_time = time.time() - start
+        self.images_per_s = images / max(total_time, 1e-9)
         if is_main_process():
             print(f"{header} done in {datetime.timedelta(seconds=int(total_time))} "
-                  f"({total_time / max(total, 1):.3f} s/it)", flush=True)
+                  f"({total_time / max(total, 1):.3f} s/it, {self.images_per_s:.1f} img/s)", flush=True)
