@@ -1,6 +1,4 @@
 """ImageFolder classification data (datasets/classification.py)."""
-import contextlib
-import io
 import os
 import shutil
 from argparse import Namespace
@@ -11,7 +9,7 @@ import torch
 from PIL import Image
 
 from datasets.classification import build_classification_dataset, build_transform, input_image
-from datasets.synthetic import CATEGORIES, generate_classification
+from datasets.synthetic import CATEGORIES
 from util.errors import UserError
 
 
@@ -23,26 +21,17 @@ def flags(data_path, **overrides) -> Namespace:
     return Namespace(**values)
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> str:
-    """A tiny synthetic classification set: 12 train and 6 val images of 40 pixels, 6 classes."""
-    root = str(tmp_path_factory.mktemp("synthetic_cls"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        generate_classification(root, num_train=12, num_val=6, image_size=40, seed=0)
-    return root
-
-
 @pytest.fixture
-def copy(image_folder, tmp_path) -> str:
-    """A private copy of ``image_folder`` that a test may break."""
+def copy(classification_root, tmp_path) -> str:
+    """A private copy of ``classification_root`` that a test may break."""
     root = str(tmp_path / "data")
-    shutil.copytree(image_folder, root)
+    shutil.copytree(classification_root, root)
     return root
 
 
-def test_samples_labels_and_classes(image_folder):
-    train = build_classification_dataset("train", flags(image_folder))
-    val = build_classification_dataset("val", flags(image_folder))
+def test_samples_labels_and_classes(classification_root):
+    train = build_classification_dataset("train", flags(classification_root))
+    val = build_classification_dataset("val", flags(classification_root))
     assert train.classes == val.classes == sorted(CATEGORIES)
     assert train.num_classes == val.num_classes == 6
     assert (len(train), len(val)) == (12, 6)
@@ -54,27 +43,27 @@ def test_samples_labels_and_classes(image_folder):
         assert os.path.basename(os.path.dirname(path)) == val.classes[label]
 
 
-def test_evaluation_transform_is_deterministic_and_training_is_random(image_folder):
-    val = build_classification_dataset("val", flags(image_folder))
+def test_evaluation_transform_is_deterministic_and_training_is_random(classification_root):
+    val = build_classification_dataset("val", flags(classification_root))
     assert torch.equal(val[1][0], val[1][0])
     torch.manual_seed(0)
-    train = build_classification_dataset("train", flags(image_folder))
+    train = build_classification_dataset("train", flags(classification_root))
     first, second = train[1][0], train[1][0]
     assert first.shape == second.shape == (3, 32, 32)
     assert not torch.equal(first, second)
 
 
-def test_evaluation_transform_is_a_resize_and_centre_crop(image_folder):
-    val = build_classification_dataset("val", flags(image_folder, input_size=40))
+def test_evaluation_transform_is_a_resize_and_centre_crop(classification_root):
+    val = build_classification_dataset("val", flags(classification_root, input_size=40))
     names = [type(t).__name__ for t in val.transform.transforms]
     assert names[:2] == ["Resize", "CenterCrop"]
     # normalised with the ImageNet mean and std: a mid-grey pixel is near -mean/std
     assert val[0][0].abs().max() < 3
 
 
-def test_training_transform_follows_the_flags(image_folder):
+def test_training_transform_follows_the_flags(classification_root):
     def names(**overrides):
-        transform = build_transform(True, flags(image_folder, **overrides))
+        transform = build_transform(True, flags(classification_root, **overrides))
         return [type(t).__name__ for t in transform.transforms]
 
     deit = names()
@@ -86,8 +75,8 @@ def test_training_transform_follows_the_flags(image_folder):
     assert "ColorJitter" in plain and "ColorJitter" not in names(aa="none", reprob=0.0, color_jitter=0.0)
 
 
-def test_crop_scale_reaches_timm(image_folder):
-    transform = build_transform(True, flags(image_folder, scale=[0.5, 1.0]))
+def test_crop_scale_reaches_timm(classification_root):
+    transform = build_transform(True, flags(classification_root, scale=[0.5, 1.0]))
     assert transform.transforms[0].scale == (0.5, 1.0)
 
 
@@ -139,9 +128,9 @@ def test_train_and_val_classes_differ(copy, split):
                                              ({"train_interpolation": "cubic"}, "--train_interpolation"),
                                              ({"reprob": 1.5}, "--reprob"),
                                              ({"scale": [0.9, 0.5]}, "--scale")])
-def test_bad_augmentation_flags(image_folder, overrides, flag):
+def test_bad_augmentation_flags(classification_root, overrides, flag):
     with pytest.raises(UserError, match=f"^{flag}: ") as excinfo:
-        build_classification_dataset("train", flags(image_folder, **overrides))
+        build_classification_dataset("train", flags(classification_root, **overrides))
     assert "\n" not in str(excinfo.value)
 
 
@@ -153,8 +142,8 @@ def test_rgb_conversion_of_grey_images(copy):
     assert val[index][0].shape == (3, 32, 32)
 
 
-def test_input_image_undoes_the_normalisation(image_folder):
-    val = build_classification_dataset("val", flags(image_folder, input_size=40))
+def test_input_image_undoes_the_normalisation(classification_root):
+    val = build_classification_dataset("val", flags(classification_root, input_size=40))
     view = input_image(val[0][0])
     resize, crop = val.transform.transforms[:2]
     with Image.open(val.samples[0][0]) as source:
