@@ -89,11 +89,16 @@ def export(model: nn.Module, ratio: Optional[float], path: str, size: tuple[int,
 
 
 def session(path: str, threads: Optional[int] = None) -> Any:
-    """An ONNX Runtime CPU inference session of ``path`` (``threads``: intra-op threads)."""
+    """An ONNX Runtime CPU inference session of ``path`` (``threads``: intra-op threads).
+
+    Its worker threads sleep between runs instead of spinning, so that they leave the cores to
+    the next thing that runs (PyTorch's threads in ``tools/benchmark_onnx.py``'s turns).
+    """
     ort = require("onnxruntime", "running an ONNX model")
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable files
