@@ -15,7 +15,10 @@ shapes, their placement and the boxes are the same as without; the COCO panoptic
 With ``--classification`` it writes an image classification set in the ImageFolder layout
 (``train/<shape>/*.png``, ``val/<shape>/*.png``) instead: square images (64 pixels by default)
 on the same cluttered background, with the panoptic stuff regions (a band, a checkered patch) as
-distractors and one shape of 25% to 37.5% of the side, so most of each image is redundant.
+distractors and one shape of 25% to 37.5% of the side, so most of each image is redundant. The
+clutter is dimmed and the shape is light, so the shape stands out by brightness as well as by its
+outline (with random contrasting colours a small ViT trained from scratch for minutes stayed at
+chance; see the README's PnP-ViT section).
 
     python -m datasets.synthetic --out data/shapes --num_train 5000 --num_val 200
     python -m datasets.synthetic --out data/shapes_panoptic --panoptic
@@ -51,6 +54,8 @@ IMAGE_SIZE = 96
 # covers about 2% to 14% of the pixels and 9 to 16 of the 64 patches of 8 x 8: the rest is clutter.
 CLASSIFICATION_IMAGE_SIZE = 64
 CLASSIFICATION_MIN_REL_SIZE, CLASSIFICATION_MAX_REL_SIZE = 0.25, 0.375
+CLUTTER_DIMMING = 0.55  # --classification: the clutter's intensities are scaled into 0..140
+LIGHT_SHAPE = (190.0, 255.0)  # --classification: each channel of the shape's colour (uniform)
 MIN_VISIBLE = 0.6  # fraction of an object's pixels that later objects must leave visible
 PLACEMENT_TRIES = 20
 MIN_COLOUR_DISTANCE = 90.0  # RGB distance between a shape and the background under it
@@ -233,15 +238,16 @@ def add_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 def render_classification_image(rng: np.random.Generator, stuff_rng: np.random.Generator, category: int,
                                 image_size: int, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """One uint8 ``(image_size, image_size, 3)`` image holding one shape of ``category`` (1-based,
-    size drawn from ``layout``) on the detection set's cluttered background, its stuff regions
-    painted over it (a band, a checkered patch: distractors, see ``render_stuff``), and the
-    shape's bool ``(image_size, image_size)`` mask."""
+    """One uint8 ``(image_size, image_size, 3)`` image holding one light shape of ``category``
+    (1-based, size drawn from ``layout``) on the detection set's cluttered background, its stuff
+    regions painted over it (a band, a checkered patch: distractors, see ``render_stuff``), all
+    dimmed by ``CLUTTER_DIMMING``; and the shape's bool ``(image_size, image_size)`` mask."""
     image = background(rng, image_size, image_size)
     render_stuff(stuff_rng, image)
+    image *= CLUTTER_DIMMING
     owner = np.full((image_size, image_size), -1, dtype=np.int64)
     mask = place_shape(rng, category, owner, [], layout)  # alone in the image, its first try fits
-    image[mask] = contrasting_colour(rng, image[mask].mean(axis=0))
+    image[mask] = rng.uniform(*LIGHT_SHAPE, size=3)
     return add_noise(rng, image), mask
 
 
@@ -418,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "--dataset_file coco_panoptic --coco_path OUT --coco_panoptic_path OUT")
     parser.add_argument("--classification", action="store_true",
                         help="write an image classification set instead: square images holding one "
-                             "shape each on the same cluttered background, with a band and a checkered "
+                             "light shape each on the same cluttered background (dimmed), with a band and a checkered "
                              "patch as distractors, in the ImageFolder layout OUT/{train,val}/<shape>/*.png "
                              "(6 balanced classes). Use it with the ViT's --data_path OUT")
     args = parser.parse_args(argv)
