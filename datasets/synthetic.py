@@ -424,8 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "--dataset_file coco_panoptic --coco_path OUT --coco_panoptic_path OUT")
     parser.add_argument("--classification", action="store_true",
                         help="write an image classification set instead: square images holding one "
-                             "light shape each on the same cluttered background (dimmed), with a band and a checkered "
-                             "patch as distractors, in the ImageFolder layout OUT/{train,val}/<shape>/*.png "
+                             "light shape each on the same cluttered background (dimmed), with a band and "
+                             "a checkered patch as distractors, in the ImageFolder layout OUT/{train,val}/<shape>/*.png "
                              "(6 balanced classes). Use it with the ViT's --data_path OUT")
     args = parser.parse_args(argv)
     defaults = {"image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
