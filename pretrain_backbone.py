@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from datasets import build_dataset
 from main import check_args, parse_args as training_args, seed_everything
+from models import fast_path
 from models.backbone import Backbone
 from util.errors import UserError, exit_status
 from util.misc import NestedTensor, collate_fn, save_on_master
@@ -101,7 +102,7 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
         raise UserError(f"--batch_size {train.batch_size} is larger than the {len(dataset)} training images")
     backbone = Backbone(train.backbone, train_backbone=True, return_interm_layers=False, dilation=train.dilation,
                         frozen_bn=False, last_stage=train.backbone_last_stage)
-    model = CellClassifier(backbone, num_classes).to(device)
+    model = fast_path(CellClassifier(backbone, num_classes).to(device), channels_last=not train.no_channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=train.weight_decay)
     stride = backbone.strides[-1]
     print(f"pretraining {train.backbone} (stages 1-{train.backbone_last_stage}, stride {stride}) on "
@@ -129,7 +130,8 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
                 break
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_on_master(backbone.body.state_dict(), out)
+    # Saved in the contiguous layout whatever the one trained in, as torchvision's own weights are.
+    save_on_master({name: value.contiguous() for name, value in backbone.body.state_dict().items()}, out)
     print(f"saved {out} ({step} steps, {time.time() - start:.0f}s); train with --backbone_weights {out}")
 
 

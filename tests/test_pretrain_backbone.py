@@ -54,6 +54,7 @@ def test_pretrained_weights_load_as_backbone_weights(synthetic_root, tmp_path, c
     saved = torch.load(out, weights_only=True)
     assert "layer2.0.conv1.weight" in saved and "layer3.0.conv1.weight" not in saved
     assert "bn1.running_mean" in saved  # the BatchNorm statistics travel with the weights
+    assert all(value.is_contiguous() for value in saved.values())  # trained channels-last, saved contiguous
     fresh = Backbone("resnet18", True, False, False, frozen_bn=True, last_stage=2)
     before = fresh.body.layer2[0].conv1.weight.clone()
     load_backbone_weights(fresh, str(out))
