@@ -32,7 +32,9 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -291,34 +293,62 @@ def write_panoptic_json(out: str, name: str, images: list[dict], annotations: li
         json.dump(data, f)
 
 
+def parallel_map(fn: Callable[[int], Any], count: int, jobs: int) -> list[Any]:
+    """``[fn(0), ..., fn(count - 1)]``, computed by ``jobs`` processes when ``jobs > 1``.
+
+    Every image draws from its own generator (seeded by its split and index), so the result
+    does not depend on ``jobs``.
+    """
+    if jobs == 1 or count < 2:
+        return [fn(index) for index in range(count)]
+    with ProcessPoolExecutor(min(jobs, count)) as pool:
+        return list(pool.map(fn, range(count), chunksize=max(1, count // (8 * jobs))))
+
+
+def save_png(pixels: np.ndarray, path: str) -> None:
+    """Write ``pixels`` losslessly with fast compression (the noise does not compress anyway)."""
+    Image.fromarray(pixels).save(path, compress_level=1)
+
+
+def write_image(out: str, split: int, name: str, image_size: int, seed: int, panoptic: bool, layout: Layout,
+                index: int) -> tuple[dict[str, Any], list[dict[str, Any]], Optional[dict[str, Any]]]:
+    """Render image ``index`` of a split, write its PNG (and its panoptic PNG), and return its
+    ``images`` entry, its instance annotations (ids still 0) and its panoptic annotation."""
+    rng = np.random.default_rng([seed, split, index])
+    stuff_rng = np.random.default_rng([seed, split, index, 1]) if panoptic else None
+    pixels, objects, stuff = render_panoptic_image(rng, stuff_rng, image_size, layout)
+    image_id = index + 1
+    file_name = f"{image_id:012d}.png"
+    save_png(pixels, os.path.join(out, f"{name}2017", file_name))
+    image = {"id": image_id, "file_name": file_name, "height": pixels.shape[0], "width": pixels.shape[1]}
+    annotations = [annotation(mask, 0, image_id, category_id) for category_id, mask in objects]
+    panoptic_annotation = None
+    if panoptic:
+        ids, segments = panoptic_segments(objects, stuff)
+        save_png(ids_to_rgb(ids), os.path.join(out, "annotations", f"panoptic_{name}2017", file_name))
+        panoptic_annotation = {"image_id": image_id, "file_name": file_name, "segments_info": segments}
+    return image, annotations, panoptic_annotation
+
+
 def write_split(out: str, split: int, name: str, num_images: int, image_size: int, seed: int,
-                panoptic: bool = False, layout: Layout = Layout()) -> int:
-    """Write ``out/{name}2017/*.png`` and its json; returns the number of objects.
+                panoptic: bool = False, layout: Layout = Layout(), jobs: int = 1) -> int:
+    """Write ``out/{name}2017/*.png`` and its json with ``jobs`` processes; returns the number of objects.
 
     ``panoptic`` renders stuff too and writes ``out/annotations/panoptic_{name}2017.json`` and
     its PNGs in ``out/annotations/panoptic_{name}2017/``.
     """
-    image_dir = os.path.join(out, f"{name}2017")
-    png_dir = os.path.join(out, "annotations", f"panoptic_{name}2017")
-    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(os.path.join(out, f"{name}2017"), exist_ok=True)
     if panoptic:
-        os.makedirs(png_dir, exist_ok=True)
+        os.makedirs(os.path.join(out, "annotations", f"panoptic_{name}2017"), exist_ok=True)
+    written = parallel_map(partial(write_image, out, split, name, image_size, seed, panoptic, layout), num_images, jobs)
     images, annotations, panoptic_annotations = [], [], []
-    for index in range(num_images):
-        rng = np.random.default_rng([seed, split, index])
-        stuff_rng = np.random.default_rng([seed, split, index, 1]) if panoptic else None
-        pixels, objects, stuff = render_panoptic_image(rng, stuff_rng, image_size, layout)
-        image_id = index + 1
-        file_name = f"{image_id:012d}.png"
-        Image.fromarray(pixels).save(os.path.join(image_dir, file_name))
-        images.append({"id": image_id, "file_name": file_name,
-                       "height": pixels.shape[0], "width": pixels.shape[1]})
-        for category_id, mask in objects:
-            annotations.append(annotation(mask, len(annotations) + 1, image_id, category_id))
+    for image, image_annotations, panoptic_annotation in written:
+        images.append(image)
+        for ann in image_annotations:
+            ann["id"] = len(annotations) + 1
+            annotations.append(ann)
         if panoptic:
-            ids, segments = panoptic_segments(objects, stuff)
-            Image.fromarray(ids_to_rgb(ids)).save(os.path.join(png_dir, file_name))
-            panoptic_annotations.append({"image_id": image_id, "file_name": file_name, "segments_info": segments})
+            panoptic_annotations.append(panoptic_annotation)
     if panoptic:
         write_panoptic_json(out, name, images, panoptic_annotations)
     data = {
@@ -335,9 +365,12 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
     return len(annotations)
 
 
-def check_flags(num_train: int, num_val: int, image_size: int, layout: Layout, least_images: int = 0) -> None:
+def check_flags(num_train: int, num_val: int, image_size: int, layout: Layout, least_images: int = 0,
+                jobs: int = 1) -> None:
     """``UserError`` naming the flag if an image count is under ``least_images``, the images are
-    too small or the layout is impossible."""
+    too small, the layout is impossible or ``jobs`` is not positive."""
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
     if num_train < least_images or num_val < least_images:
         raise UserError(f"--num_train/--num_val must be >= {least_images}, got {num_train}/{num_val}")
     if image_size < 32:
@@ -346,13 +379,13 @@ def check_flags(num_train: int, num_val: int, image_size: int, layout: Layout, l
 
 
 def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int, panoptic: bool = False,
-             layout: Layout = Layout()) -> None:
-    """Write the dataset under ``out`` (COCO layout; ``panoptic``: also COCO panoptic) and print a
-    one-line summary."""
-    check_flags(num_train, num_val, image_size, layout)
+             layout: Layout = Layout(), jobs: int = 1) -> None:
+    """Write the dataset under ``out`` (COCO layout; ``panoptic``: also COCO panoptic) with ``jobs``
+    processes and print a one-line summary."""
+    check_flags(num_train, num_val, image_size, layout, jobs=jobs)
     start = time.time()
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    objects = [write_split(out, split, name, count, image_size, seed, panoptic, layout)
+    objects = [write_split(out, split, name, count, image_size, seed, panoptic, layout, jobs)
                for split, (name, count) in enumerate([("train", num_train), ("val", num_val)])]
     classes = f"{len(CATEGORIES)} classes (num_classes {len(CATEGORIES) + 1})"
     if panoptic:
@@ -362,30 +395,31 @@ def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int,
           f"objects, {classes}, written to {out} in {time.time() - start:.1f}s")
 
 
-def write_classification_split(out: str, split: int, name: str, num_images: int, image_size: int, seed: int,
-                               layout: Layout) -> None:
-    """Write ``out/{name}/<class name>/{index:06d}.png``; image ``index`` shows class
-    ``index % 6``, so the classes are balanced."""
-    for class_name in CATEGORIES:
-        os.makedirs(os.path.join(out, name, class_name), exist_ok=True)
-    for index in range(num_images):
-        category = index % len(CATEGORIES) + 1
-        rng = np.random.default_rng([seed, split, index])
-        stuff_rng = np.random.default_rng([seed, split, index, 1])
-        pixels, _ = render_classification_image(rng, stuff_rng, category, image_size, layout)
-        Image.fromarray(pixels).save(os.path.join(out, name, CATEGORIES[category - 1], f"{index:06d}.png"))
+def write_classification_image(out: str, split: int, name: str, image_size: int, seed: int, layout: Layout,
+                               index: int) -> None:
+    """Write ``out/{name}/<class name>/{index:06d}.png``; image ``index`` shows class ``index % 6``,
+    so the classes are balanced."""
+    category = index % len(CATEGORIES) + 1
+    rng = np.random.default_rng([seed, split, index])
+    stuff_rng = np.random.default_rng([seed, split, index, 1])
+    pixels, _ = render_classification_image(rng, stuff_rng, category, image_size, layout)
+    save_png(pixels, os.path.join(out, name, CATEGORIES[category - 1], f"{index:06d}.png"))
 
 
 def generate_classification(out: str, num_train: int, num_val: int, image_size: int = CLASSIFICATION_IMAGE_SIZE,
                             seed: int = 0, layout: Layout = Layout(1, CLASSIFICATION_MIN_REL_SIZE,
-                                                                   CLASSIFICATION_MAX_REL_SIZE)) -> None:
+                                                                   CLASSIFICATION_MAX_REL_SIZE),
+                            jobs: int = 1) -> None:
     """Write the classification dataset under ``out`` (ImageFolder layout: ``train/<class>/``,
-    ``val/<class>/``; every class in both, so at least one image of each per split) and print a
-    one-line summary. ``layout.max_objects`` is not used: every image holds one shape."""
-    check_flags(num_train, num_val, image_size, layout, least_images=len(CATEGORIES))
+    ``val/<class>/``; every class in both, so at least one image of each per split) with ``jobs``
+    processes and print a one-line summary. ``layout.max_objects`` is not used: every image holds
+    one shape."""
+    check_flags(num_train, num_val, image_size, layout, least_images=len(CATEGORIES), jobs=jobs)
     start = time.time()
     for split, (name, count) in enumerate([("train", num_train), ("val", num_val)]):
-        write_classification_split(out, split, name, count, image_size, seed, layout)
+        for class_name in CATEGORIES:
+            os.makedirs(os.path.join(out, name, class_name), exist_ok=True)
+        parallel_map(partial(write_classification_image, out, split, name, image_size, seed, layout), count, jobs)
     print(f"synthetic shapes classification: {num_train} train / {num_val} val images of "
           f"{image_size}x{image_size}, {len(CATEGORIES)} classes, written to {out} in {time.time() - start:.1f}s")
 
@@ -408,6 +442,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help=f"largest image side in pixels (default {IMAGE_SIZE}; with --classification "
                              f"the side of the square images, default {CLASSIFICATION_IMAGE_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes writing images (default: the CPUs this process may use); "
+                             "the files do not depend on it")
     parser.add_argument("--max_objects", type=int,
                         help=f"most objects in one image (default {MAX_OBJECTS}; not with --classification)")
     parser.add_argument("--min_size", type=float,
@@ -442,9 +479,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     layout = Layout(args.max_objects, args.min_size, args.max_size)
     try:
         if args.classification:
-            generate_classification(args.out, args.num_train, args.num_val, args.image_size, args.seed, layout)
+            generate_classification(args.out, args.num_train, args.num_val, args.image_size, args.seed, layout,
+                                    args.jobs)
         else:
-            generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic, layout)
+            generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, args.panoptic, layout,
+                     args.jobs)
     except UserError as err:
         parser.error(str(err))
 
