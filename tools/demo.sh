@@ -14,18 +14,16 @@ if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
 fi
 start=$(date +%s)
 if [ ! -f "$OUT/backbone.pth" ]; then
-    python pretrain_backbone.py --config configs/demo.yaml --coco_path "$DATA" --batch_size 16 \
-        --steps 600 --out "$OUT/backbone.pth"
+    python pretrain_backbone.py --config configs/demo.yaml --coco_path "$DATA" --steps 600 \
+        --out "$OUT/backbone.pth"
     took "backbone pretraining" "$start"
 fi
 step=$(date +%s)
-# No data-loading worker for the detector: on 2 cores it competes with the compute threads, and
-# the demo trained 1.6x faster without it (docs/BENCHMARKS.md, "Training throughput").
 python main.py --config configs/demo.yaml --coco_path "$DATA" --output_dir "$OUT" \
-    --backbone_weights "$OUT/backbone.pth" --num_workers 0
+    --backbone_weights "$OUT/backbone.pth"
 took "PnP-DETR training" "$step"
 echo "training (backbone pretraining + detector) took $(( $(date +%s) - start ))s"
 step=$(date +%s)
 python main.py --config configs/demo.yaml --coco_path "$DATA" --output_dir "$OUT" \
-    --backbone_weights "$OUT/backbone.pth" --num_workers 0 --eval --eval_ratios 0.33 0.5 0.65 0.8 1.0
+    --backbone_weights "$OUT/backbone.pth" --eval --eval_ratios 0.33 0.5 0.65 0.8 1.0
 took "evaluation" "$step"
