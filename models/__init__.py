@@ -29,8 +29,9 @@ def fast_path(model: nn.Module, channels_last: bool = True) -> nn.Module:
     Every entry point that runs a model (main.py, predict.py, the hub models, the benchmark)
     calls this: the convolution weights go channels-last (oneDNN's and cuDNN's fast layout;
     the activations follow them; outputs change by float rounding only, state_dict keys and
-    values do not). The other exact speed-up, FrozenBatchNorm as one kernel, is
-    ``models.backbone.FrozenBatchNorm2d``'s own. ``channels_last=False`` keeps the layout.
+    values do not). The other exact speed-up, FrozenBatchNorm folded into the convolution before
+    it, is the backbone's own (``models.backbone.conv_frozen_bn``). ``channels_last=False`` keeps
+    the layout.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)

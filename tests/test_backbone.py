@@ -342,3 +342,52 @@ def test_the_backbone_runs_the_fast_frozen_batch_norm(resnet18_frozen):
 
     norms = [m for m in resnet18_frozen.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert norms and all(type(m) is FastFrozenBatchNorm2d for m in norms)
+
+
+@pytest.mark.parametrize("conv_bias,channels_last", [(False, False), (True, False), (False, True)])
+def test_conv_frozen_bn_is_the_convolution_then_the_norm(conv_bias, channels_last):
+    from models.backbone import FrozenBatchNorm2d as FastFrozenBatchNorm2d, conv_frozen_bn
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(6, 8, 3, padding=2, dilation=2, bias=conv_bias), FastFrozenBatchNorm2d(8)
+    _random_statistics(bn)
+    x = torch.randn(2, 6, 9, 11)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = conv_frozen_bn(x, conv, bn), bn(conv(x_ref))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    weight_grad = torch.autograd.grad(out, (x, conv.weight), grad)
+    expected_grad = torch.autograd.grad(expected, (x_ref, conv.weight), grad)
+    for got, want in zip(weight_grad, expected_grad):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_frozen_bn_runs_any_other_norm_as_a_module():
+    from models.backbone import conv_frozen_bn
+
+    conv, bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4).train()
+    conv_frozen_bn(torch.randn(2, 3, 5, 5), conv, bn)
+    assert int(bn.num_batches_tracked) == 1  # the module ran, in training mode, and updated its statistics
+    torchvision_frozen = FrozenBatchNorm2d(4)
+    _random_statistics(torchvision_frozen)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(conv_frozen_bn(x, conv, torchvision_frozen), torchvision_frozen(conv(x)))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_folded_backbone_computes_the_blocks_own_forward(name):
+    torch.manual_seed(0)
+    backbone = Backbone(name, True, return_interm_layers=True, dilation=name == "resnet50", frozen_bn=True).eval()
+    _random_statistics(backbone)
+    body = backbone.body
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out = body(x)
+        y = body["maxpool"](body["relu"](body["bn1"](body["conv1"](x))))
+        for stage in range(1, 5):
+            y = body[f"layer{stage}"](y)  # torchvision's own block forward: conv, then norm
+            # float rounding only: random weights make the activations grow to ~1e3 by stage 4
+            assert (out[str(stage - 1)] - y).abs().max() <= 1e-5 * y.abs().max()
