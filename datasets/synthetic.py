@@ -442,7 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help=f"largest image side in pixels (default {IMAGE_SIZE}; with --classification "
                              f"the side of the square images, default {CLASSIFICATION_IMAGE_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    usable_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--jobs", type=int, default=usable_cpus,
                         help="processes writing images (default: the CPUs this process may use); "
                              "the files do not depend on it")
     parser.add_argument("--max_objects", type=int,
