@@ -181,7 +181,6 @@ def test_detection_output_is_unchanged_by_the_panoptic_extension(tmp_path):
     assert _pixels_and_json_digest(str(tmp_path)) == "a0c8753a12a4a47bbc591526ddcef3416e9d4017b586cd69f9a7e59dd8f5cd26"
 
 
-
 def test_files_do_not_depend_on_the_number_of_processes(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         generate(str(tmp_path / "one"), num_train=5, num_val=2, image_size=40, seed=7, panoptic=True, jobs=1)
@@ -201,6 +200,7 @@ def test_bad_jobs_is_one_line(tmp_path, capsys):
     assert excinfo.value.code == 2
     assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "annotations")
+
 
 def _panoptic(root, split):
     with open(os.path.join(root, "annotations", f"panoptic_{split}2017.json")) as f:
