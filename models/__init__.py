@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .detr import DETR, PostProcess, SetCriterion, build
+from .pnp import PollAndPoolSampler
 from .segmentation import DETRsegm, build as build_segmentation
 
 if TYPE_CHECKING:
@@ -32,9 +33,17 @@ def fast_path(model: nn.Module, channels_last: bool = True) -> nn.Module:
     values do not). The other exact speed-up, FrozenBatchNorm folded into the convolution before
     it, is the backbone's own (``models.backbone.conv_frozen_bn``). ``channels_last=False`` keeps
     the layout.
+
+    The sampler's score net keeps default strides: it runs its 1x1 convolutions as matrix
+    products (``models.pnp``), whose weight gradients come with default strides, and DDP warns
+    when a gradient's strides differ from its parameter's ("Grad strides do not match bucket
+    view strides"). A 1x1 kernel has one memory layout in both formats, so nothing else changes.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
+        for sampler in (m for m in model.modules() if isinstance(m, PollAndPoolSampler)):
+            for param in sampler.score_pred_net.parameters():
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
     return model
 
 

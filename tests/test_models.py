@@ -44,3 +44,14 @@ def test_fast_path_puts_every_convolution_channels_last_unless_told_not_to():
     convolutions = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
     assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
     assert all(m.weight.is_contiguous() for m in kept.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_fast_path_gradients_have_their_parameters_strides():
+    """DDP checks every gradient's strides against its parameter's (its bucket view); a mismatch
+    warns on every run and costs a copy."""
+    model = fast_path(_pnp_detr().train())
+    out = model(torch.rand(2, 3, 64, 96), 0.5)
+    (out["pred_logits"].sum() + out["pred_boxes"].sum() + out["sample_reg_loss"]).backward()
+    trained = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+    assert any(name.startswith("transformer.sampler.score_pred_net") for name, _ in trained)
+    assert [name for name, p in trained if p.grad.stride() != p.stride()] == []
