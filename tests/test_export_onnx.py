@@ -169,3 +169,18 @@ def test_a_file_without_the_export_metadata_is_named(synthetic_root, tmp_path, c
     onnx_module.save(onnx_module.helper.make_model(graph), plain)
     code = predict.run(["--checkpoint", str(plain), str(Path(synthetic_root) / "val2017")])
     assert_one_line_error(code, capsys.readouterr().err, str(plain), "not a file written by tools/export_onnx.py")
+
+
+def test_an_exporter_failure_ends_in_one_line_and_keeps_the_earlier_file(trained, tmp_path, capsys, monkeypatch):
+    def failing_export(model, ratio, path, size, metadata):
+        Path(path).write_bytes(b"half a graph")
+        raise RuntimeError("Unsupported operator aten::something\nwith many\nmore lines")
+
+    monkeypatch.setattr(export_onnx, "export", failing_export)
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    code, _, err = _export(trained[0] / "checkpoint.pth", out, capsys)
+    assert_one_line_error(code, err, "--checkpoint", "RuntimeError: Unsupported operator aten::something")
+    assert "many" not in err
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
