@@ -178,13 +178,15 @@ def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple
     # Detection pads images to a NestedTensor; compiled, batches are padded to a multiple of the
     # largest backbone stride: fewer shapes to compile, and exact feature sizes (torch 2.14's
     # compiled backward failed at odd ones). Classification images share one size: stacked.
+    # On a GPU, batches come in page-locked memory, so that the engine's non-blocking copies are.
+    pin_memory = torch.device(args.device).type == "cuda"
     collate_fn = None
     if args.task == "detection":
         collate_fn = functools.partial(utils.collate_fn,
                                        size_divisibility=COMPILE_SIZE_DIVISIBILITY if args.compile else 1)
     batches_val = ShardedBatchSampler(len(dataset_val), args.batch_size, utils.get_rank(), utils.get_world_size())
     loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=collate_fn,
-                            num_workers=args.num_workers)
+                            num_workers=args.num_workers, pin_memory=pin_memory)
     if dataset_train is None:
         return None, loader_val
     if args.task == "classification" and args.repeated_aug:
@@ -195,7 +197,7 @@ def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple
     if len(batch_sampler) == 0:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset_train)} training images")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                              num_workers=args.num_workers)
+                              num_workers=args.num_workers, pin_memory=pin_memory)
     return loader_train, loader_val
 
 

@@ -96,7 +96,7 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
     dataset = build_dataset("train", train)
     num_classes = train.num_classes or dataset.num_classes
     loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate_fn, num_workers=train.num_workers,
+                        collate_fn=collate_fn, num_workers=train.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(train.seed))
     if len(loader) == 0:
         raise UserError(f"--batch_size {train.batch_size} is larger than the {len(dataset)} training images")
@@ -110,7 +110,7 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
     start, step, seen, correct, objects = time.time(), 0, 0, 0, 0
     while step < args.steps:
         for samples, targets in loader:
-            logits, mask = model(samples.to(device))
+            logits, mask = model(samples.to(device, non_blocking=True))
             labels = cell_labels(targets, mask, stride, background=num_classes).to(device)
             loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
             optimizer.zero_grad()

@@ -325,3 +325,11 @@ def test_bad_classification_flags_end_in_one_line(classification_flags, tmp_path
 def test_classification_without_data_path_is_named(capsys):
     code, _, err = _run(["--task", "classification"], capsys)
     assert_one_line_error(code, err, "--data_path")
+
+
+@pytest.mark.parametrize("device,pinned", [("cpu", False), ("cuda", True), ("cuda:1", True)])
+def test_loaders_pin_memory_for_a_gpu_only(tiny_flags, device, pinned):
+    args = main.parse_args(tiny_flags + ["--device", device])
+    args.distributed = False
+    loader_train, loader_val = main.build_loaders(args, *main.build_datasets(args))
+    assert (loader_train.pin_memory, loader_val.pin_memory) == (pinned, pinned)

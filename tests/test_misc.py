@@ -182,3 +182,12 @@ def test_bf16_is_called_slow_on_cpus_without_native_bf16_only(monkeypatch, avx51
     assert (warning is not None) == warned
     assert warning is None or ("--amp" in warning and "slower" in warning and "\n" not in warning)
     assert slow_bf16_warning(torch.device("cuda")) is None
+
+
+@pytest.mark.gpu
+def test_nested_tensor_pin_memory_pins_both_tensors_and_keeps_the_sizes():
+    batch = nested_tensor_from_tensor_list(_images())
+    pinned = batch.pin_memory()
+    assert pinned.tensors.is_pinned() and pinned.mask.is_pinned()
+    assert torch.equal(pinned.tensors, batch.tensors) and torch.equal(pinned.mask, batch.mask)
+    assert pinned.image_sizes == batch.image_sizes

@@ -37,6 +37,12 @@ class NestedTensor:
         mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask, self.image_sizes)
 
+    def pin_memory(self) -> "NestedTensor":
+        """A copy in page-locked host memory (what a DataLoader with ``pin_memory`` calls), from
+        which ``to(cuda, non_blocking=True)`` copies without waiting."""
+        mask = None if self.mask is None else self.mask.pin_memory()
+        return NestedTensor(self.tensors.pin_memory(), mask, self.image_sizes)
+
     def decompose(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.tensors, self.mask
 
