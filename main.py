@@ -205,6 +205,9 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module,
                     steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW and the lr schedule of ``--lr_schedule`` (cosine: updated every iteration).
 
+    AdamW is torch's fused one: one kernel over all parameters, the same update up to float
+    rounding, and on the CPU demo's small model several times faster than the default.
+
     Detection: one group at ``--lr`` and the backbone's at ``--lr_backbone``. Classification
     (DeiT): no weight decay on biases, norms, the position embedding and the class token.
     """
@@ -216,7 +219,7 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module,
             {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
              "lr": args.lr_backbone},
         ]
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     if args.lr_schedule == "cosine":
         return optimizer, CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
                                             warmup_t=args.warmup_epochs * steps_per_epoch,

@@ -75,6 +75,29 @@ class CellClassifier(nn.Module):
         return self.head(feature.tensors), feature.mask
 
 
+def build_pretraining(train: argparse.Namespace, num_classes: int, lr: float,
+                      device: torch.device) -> tuple[CellClassifier, torch.optim.Optimizer]:
+    """``train``'s backbone (every layer trained, BatchNorm included) with its cell head, on
+    ``device`` in main.py's layout, and its fused AdamW at ``lr``."""
+    backbone = Backbone(train.backbone, train_backbone=True, return_interm_layers=False, dilation=train.dilation,
+                        frozen_bn=False, last_stage=train.backbone_last_stage)
+    model = fast_path(CellClassifier(backbone, num_classes).to(device), channels_last=not train.no_channels_last)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train.weight_decay, fused=True)
+
+
+def train_step(model: CellClassifier, optimizer: torch.optim.Optimizer, samples: NestedTensor,
+               targets: Sequence[dict[str, Tensor]], num_classes: int,
+               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step on a batch; its loss, logits ``(B, num_classes + 1, h, w)`` and cell labels."""
+    logits, mask = model(samples.to(device, non_blocking=True))
+    labels = cell_labels(targets, mask, model.backbone.strides[-1], background=num_classes).to(device)
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss, logits, labels
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "pretrain_backbone.py", description=__doc__.split("\n\n")[0],
@@ -100,22 +123,15 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
                         generator=torch.Generator().manual_seed(train.seed))
     if len(loader) == 0:
         raise UserError(f"--batch_size {train.batch_size} is larger than the {len(dataset)} training images")
-    backbone = Backbone(train.backbone, train_backbone=True, return_interm_layers=False, dilation=train.dilation,
-                        frozen_bn=False, last_stage=train.backbone_last_stage)
-    model = fast_path(CellClassifier(backbone, num_classes).to(device), channels_last=not train.no_channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=train.weight_decay)
+    model, optimizer = build_pretraining(train, num_classes, args.pretrain_lr, device)
+    backbone = model.backbone
     stride = backbone.strides[-1]
     print(f"pretraining {train.backbone} (stages 1-{train.backbone_last_stage}, stride {stride}) on "
           f"{len(dataset)} images, {num_classes} classes + background, {args.steps} steps")
     start, step, seen, correct, objects = time.time(), 0, 0, 0, 0
     while step < args.steps:
         for samples, targets in loader:
-            logits, mask = model(samples.to(device, non_blocking=True))
-            labels = cell_labels(targets, mask, stride, background=num_classes).to(device)
-            loss = F.cross_entropy(logits, labels, ignore_index=IGNORE)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss, logits, labels = train_step(model, optimizer, samples, targets, num_classes, device)
             step += 1
             seen += len(targets)
             on_object = (labels != IGNORE) & (labels != num_classes)

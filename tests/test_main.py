@@ -333,3 +333,12 @@ def test_loaders_pin_memory_for_a_gpu_only(tiny_flags, device, pinned):
     args.distributed = False
     loader_train, loader_val = main.build_loaders(args, *main.build_datasets(args))
     assert (loader_train.pin_memory, loader_val.pin_memory) == (pinned, pinned)
+
+
+def test_optimizer_is_fused_adamw_with_the_backbone_at_its_own_lr(tiny_flags):
+    args = main.parse_args(tiny_flags + ["--lr", "3e-4", "--lr_backbone", "2e-5"])
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 3)})
+    optimizer, _ = main.build_optimizer(args, model, steps_per_epoch=5)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["fused"] for g in optimizer.param_groups] == [True, True]
+    assert [(g["lr"], len(g["params"])) for g in optimizer.param_groups] == [(3e-4, 2), (2e-5, 2)]
