@@ -205,8 +205,8 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module,
                     steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW and the lr schedule of ``--lr_schedule`` (cosine: updated every iteration).
 
-    AdamW is torch's fused one: one kernel over all parameters, the same update up to float
-    rounding, and on the CPU demo's small model several times faster than the default.
+    AdamW is torch's fused one: one kernel over all parameters (fewer, larger operations than its
+    default), the same update up to float rounding.
 
     Detection: one group at ``--lr`` and the backbone's at ``--lr_backbone``. Classification
     (DeiT): no weight decay on biases, norms, the position embedding and the class token.

@@ -62,7 +62,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ar
     return args, train
 
 
-def product_rate(size: int = PRODUCT_SIZE, repeats: int = 5) -> float:
+def product_rate(size: int = PRODUCT_SIZE, repeats: int = 10) -> float:
     """Multiply-adds per second of the fastest of ``repeats`` fp32 ``size x size`` matrix products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
