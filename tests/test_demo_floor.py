@@ -15,8 +15,9 @@ from conftest import TINY_FLAGS, assert_one_line_error  # noqa: E402
 @pytest.fixture(scope="module")
 def result(synthetic_root, tmp_path_factory):
     output = tmp_path_factory.mktemp("floor") / "floor.json"
-    return demo_floor.run(TINY_FLAGS + ["--coco_path", synthetic_root] + ["--steps", "2", "--warmup", "1", "--epochs", "3", "--pretrain_steps", "10",
-                                        "--pretrain_batch_size", "2", "--output", str(output)]), output
+    flags = ["--coco_path", synthetic_root, "--steps", "2", "--warmup", "1", "--epochs", "3",
+             "--pretrain_steps", "10", "--pretrain_batch_size", "2", "--output", str(output)]
+    return demo_floor.run(TINY_FLAGS + flags), output
 
 
 def test_rows_add_up_to_the_floor_and_the_measured_time(result):
@@ -53,7 +54,9 @@ def test_product_rate_is_positive_and_finite():
     assert 0 < rate < float("inf")
 
 
-@pytest.mark.parametrize("flags,needle", [(["--steps", "0"], "--steps"), (["--threads", "0"], "--threads")])
+@pytest.mark.parametrize("flags,needle", [(["--steps", "0"], "--steps"), (["--threads", "0"], "--threads"),
+                                          (["--steps", "50"], "--pretrain_batch_size 8"),
+                                          (["--steps", "5", "--pretrain_batch_size", "1"], "--batch_size 4")])
 def test_bad_flags_end_in_one_line(tiny_flags, capsys, flags, needle):
     code = demo_floor.exit_status(lambda: demo_floor.run(tiny_flags + flags))
     assert_one_line_error(code, capsys.readouterr().err, needle)

@@ -8,9 +8,9 @@ the FLOPs of one training image, forward and backward (multiply-adds of the conv
 matrix products and attention, as ``util.flops`` counts them), on real batches of the
 training set, and times training steps on the same batches (data loading not included). This
 machine's fp32 rate is that of a 2048 x 2048 matrix product, measured in the same run. The
-floor of a recipe is its training images times their FLOPs at that rate: no layout, fusion or
-schedule of fp32 arithmetic goes under it, and the rest of a step (normalisation, the
-optimizer, Python) only adds to it.
+floor of a recipe is its training images times their FLOPs at that rate: a large matrix product
+is about the fastest fp32 arithmetic a CPU runs, so no layout or fusion gets much under the
+floor, and the rest of a step (normalisation, the optimizer, Python) only adds to it.
 """
 import argparse
 import contextlib
@@ -74,6 +74,15 @@ def product_rate(size: int = PRODUCT_SIZE, repeats: int = 10) -> float:
     return size ** 3 / best
 
 
+def first_batches(loader: Any, args: argparse.Namespace, flag: str) -> list:
+    """The ``--warmup + --steps`` first batches of ``loader``; ``UserError`` if it has fewer."""
+    batches = list(itertools.islice(loader, args.warmup + args.steps))
+    if len(batches) < args.warmup + args.steps:
+        raise UserError(f"--warmup {args.warmup} + --steps {args.steps} asks for more batches than the training set "
+                        f"gives at {flag} {loader.batch_size or loader.batch_sampler.batch_size} ({len(batches)})")
+    return batches
+
+
 def measure(run: Callable[[list], int], batches: list) -> tuple[float, float]:
     """GFLOPs (multiply-adds) per image and images per second of training steps on ``batches``:
     ``run(batches)`` takes the steps and returns their image count; the count is taken on a
@@ -91,7 +100,7 @@ def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset
     device = torch.device(train.device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.pretrain_batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(train.seed))
-    batches = list(itertools.islice(loader, args.warmup + args.steps))
+    batches = first_batches(loader, args, "--pretrain_batch_size")
     model, optimizer = pretrain_backbone.build_pretraining(train, num_classes, args.pretrain_lr, device)
 
     def run(chosen: list) -> int:
@@ -107,8 +116,8 @@ def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset
 
 def detector_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any) -> dict[str, Any]:
     device = torch.device(train.device)
-    loader, _ = training.build_loaders(train, dataset, dataset)
-    batches = list(itertools.islice(loader, args.warmup + args.steps))
+    loader, _ = training.build_loaders(train, dataset, dataset)  # (its validation loader unused)
+    batches = first_batches(loader, args, "--batch_size")
     model, criterion, _ = build_model(train)
     fast_path(model.to(device), channels_last=not train.no_channels_last)
     criterion.to(device)
