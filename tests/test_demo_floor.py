@@ -56,7 +56,28 @@ def test_product_rate_is_positive_and_finite():
 
 @pytest.mark.parametrize("flags,needle", [(["--steps", "0"], "--steps"), (["--threads", "0"], "--threads"),
                                           (["--steps", "50"], "--pretrain_batch_size 8"),
-                                          (["--steps", "5", "--pretrain_batch_size", "1"], "--batch_size 4")])
+                                          (["--steps", "5", "--pretrain_batch_size", "1"], "--batch_size 4"),
+                                          (["--rounds", "0"], "--rounds"),
+                                          (["--states", "missing.pth"], "--states")])
 def test_bad_flags_end_in_one_line(tiny_flags, capsys, flags, needle):
     code = demo_floor.exit_status(lambda: demo_floor.run(tiny_flags + flags))
     assert_one_line_error(code, capsys.readouterr().err, needle)
+
+
+def test_states_take_turns_against_the_start(trained, synthetic_root):
+    out, _ = trained
+    checkpoint = str(out / "checkpoint.pth")
+    report = demo_floor.run(TINY_FLAGS + ["--coco_path", synthetic_root, "--steps", "1", "--warmup", "1",
+                                          "--pretrain_steps", "2", "--states", checkpoint, "--rounds", "2"])
+    start, state = report["states"]
+    assert (start["state"], state["state"]) == ("start", checkpoint)
+    assert start["vs_start"] == 1.0 and len(start["images_per_s"]) == len(state["images_per_s"]) == 2
+    assert state["vs_start"] == pytest.approx(state["median"] / start["median"]) and state["median"] > 0
+
+
+def test_state_checkpoint_of_another_model_is_named(trained, synthetic_root, capsys):
+    out, _ = trained
+    flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--hidden_dim", "16", "--steps", "1", "--warmup", "0",
+                          "--states", str(out / "checkpoint.pth")]
+    code = demo_floor.exit_status(lambda: demo_floor.run(flags))
+    assert_one_line_error(code, capsys.readouterr().err, "checkpoint.pth")

@@ -11,6 +11,14 @@ machine's fp32 rate is that of a 2048 x 2048 matrix product, measured in the sam
 floor of a recipe is its training images times their FLOPs at that rate: a large matrix product
 is about the fastest fp32 arithmetic a CPU runs, so no layout or fusion gets much under the
 floor, and the rest of a step (normalisation, the optimizer, Python) only adds to it.
+
+With ``--states CHECKPOINT ...`` it also times the detector's training steps from each
+checkpoint's model and AdamW state against the untrained start, taking turns on the same
+batches in ``--rounds`` rounds: whether a trained state by itself steps slower (the issue's
+question behind a demo whose later epochs run slower than its first).
+
+    python tools/demo_floor.py --config configs/demo.yaml --coco_path data/synthetic --threads 2 \
+        --states outputs/demo/checkpoint0004.pth outputs/demo/checkpoint.pth
 """
 import argparse
 import contextlib
@@ -19,6 +27,7 @@ import itertools
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -32,6 +41,7 @@ import main as training  # noqa: E402
 import pretrain_backbone  # noqa: E402
 from engine import train_one_epoch  # noqa: E402
 from models import build_model, fast_path  # noqa: E402
+from util.checkpoint import load_model_weights, read_checkpoint  # noqa: E402
 from util.errors import UserError, exit_status  # noqa: E402
 from util.flops import flop_counter, gflops  # noqa: E402
 from util.misc import collate_fn  # noqa: E402
@@ -50,6 +60,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ar
     p.add_argument("--steps", type=int, default=20, help="timed training steps of each kind")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--states", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="also time the detector's steps from these checkpoints' model and optimizer state")
+    p.add_argument("--rounds", type=int, default=3, help="turns of every state with --states")
     p.add_argument("--output", default=None, help="also write the result here (JSON)")
     args, rest = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.pretrain_steps < 1 or args.pretrain_batch_size < 1:
@@ -57,6 +70,11 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, ar
                         f"least 0, got {args.steps}, {args.pretrain_steps}, {args.pretrain_batch_size}, {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
+    for path in args.states:
+        if not os.path.isfile(path):
+            raise UserError(f"--states: {path} does not exist")
     train = training.parse_args(rest)
     train.distributed = False
     return args, train
@@ -114,14 +132,21 @@ def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset
             "gflops_per_image": per_image, "images_per_s": rate}
 
 
-def detector_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any) -> dict[str, Any]:
+def build_detector(train: argparse.Namespace, steps_per_epoch: int,
+                   checkpoint: Optional[str] = None) -> Callable[[list], int]:
+    """main.py's detector, criterion and AdamW, from ``checkpoint``'s model and optimizer state
+    if given (else as built); returns ``run(batches)``: its training steps on ``batches``, which
+    returns their image count. Every run draws the same poll ratios (one seed)."""
     device = torch.device(train.device)
-    loader, _ = training.build_loaders(train, dataset, dataset)  # (its validation loader unused)
-    batches = first_batches(loader, args, "--batch_size")
     model, criterion, _ = build_model(train)
     fast_path(model.to(device), channels_last=not train.no_channels_last)
     criterion.to(device)
-    optimizer, _ = training.build_optimizer(train, model, len(loader))
+    optimizer, _ = training.build_optimizer(train, model, steps_per_epoch)
+    if checkpoint is not None:
+        state = read_checkpoint(checkpoint, "--states")
+        load_model_weights(model, state["model"], checkpoint)
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
     bounds = (train.sample_ratio_lower_bound, train.sample_ratio_higher_bound) if model.uses_pnp else None
 
     def run(chosen: list) -> int:
@@ -129,12 +154,44 @@ def detector_row(args: argparse.Namespace, train: argparse.Namespace, dataset: A
                         train.amp, print_freq=len(chosen) + 1, rng=random.Random(train.seed))
         return sum(samples.tensors.shape[0] for samples, _ in chosen)
 
+    return run
+
+
+def detector_loader(train: argparse.Namespace, dataset: Any) -> Any:
+    return training.build_loaders(train, dataset, dataset)[0]  # (its validation loader unused)
+
+
+def detector_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any) -> dict[str, Any]:
+    loader = detector_loader(train, dataset)
+    batches = first_batches(loader, args, "--batch_size")
+    run = build_detector(train, len(loader))
     with contextlib.redirect_stdout(io.StringIO()):
         run(batches[: args.warmup])
-    per_image, rate = measure(run, batches[args.warmup:])  # each run draws the same ratios (one seed)
+    per_image, rate = measure(run, batches[args.warmup:])
     epoch_images = len(loader) * train.batch_size
     return {"step": "detector", "batch_size": train.batch_size, "images": train.epochs * epoch_images,
             "gflops_per_image": per_image, "images_per_s": rate}
+
+
+def state_rows(args: argparse.Namespace, train: argparse.Namespace, dataset: Any) -> list[dict[str, Any]]:
+    """img/s of the detector's steps from the untrained start and from each of ``--states``,
+    taking turns on the same batches; the median of the rounds and its ratio to the start's."""
+    loader = detector_loader(train, dataset)
+    batches = first_batches(loader, args, "--batch_size")
+    runs = {"start": build_detector(train, len(loader))}
+    runs.update({path: build_detector(train, len(loader), path) for path in args.states})
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for run in runs.values():
+            run(batches[: args.warmup])
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                images = run(batches[args.warmup:])
+                rates[name].append(images / (time.perf_counter() - start))
+    start_rate = statistics.median(rates["start"])
+    return [{"state": name, "images_per_s": values, "median": statistics.median(values),
+             "vs_start": statistics.median(values) / start_rate} for name, values in rates.items()]
 
 
 def report(args: argparse.Namespace, train: argparse.Namespace) -> dict[str, Any]:
@@ -144,6 +201,7 @@ def report(args: argparse.Namespace, train: argparse.Namespace) -> dict[str, Any
     training.seed_everything(train.seed)
     dataset, _ = training.build_datasets(train)
     train.num_classes = train.num_classes or dataset.num_classes
+    states = state_rows(args, train, dataset) if args.states else []  # first: a checkpoint that does not fit fails fast
     rate = product_rate() / 1e9
     rows = [pretraining_row(args, train, dataset, train.num_classes), detector_row(args, train, dataset)]
     for row in rows:
@@ -152,7 +210,8 @@ def report(args: argparse.Namespace, train: argparse.Namespace) -> dict[str, Any
         row["floor_s"] = row["images"] * row["gflops_per_image"] / rate
         row["measured_s"] = row["images"] / row["images_per_s"]
     return {"threads": torch.get_num_threads(), "product_gflops_per_s": rate, "rows": rows,
-            "floor_s": sum(r["floor_s"] for r in rows), "measured_s": sum(r["measured_s"] for r in rows)}
+            "floor_s": sum(r["floor_s"] for r in rows), "measured_s": sum(r["measured_s"] for r in rows),
+            "states": states}
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -166,6 +225,10 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{r['measured_s']:.0f} |")
     lines.append(f"training: floor {result['floor_s']:.0f} s, at the measured rates {result['measured_s']:.0f} s "
                  f"({result['measured_s'] / result['floor_s']:.2f}x the floor)")
+    if result["states"]:
+        lines += ["", "| detector state | img/s by round | median | vs the start |", "|---|---|---|---|"]
+        lines += [f"| {r['state']} | {', '.join(f'{v:.1f}' for v in r['images_per_s'])} | {r['median']:.1f} | "
+                  f"{r['vs_start']:.2f}x |" for r in result["states"]]
     return "\n".join(lines)
 
 
