@@ -114,7 +114,8 @@ def measure(run: Callable[[list], int], batches: list) -> tuple[float, float]:
     return gflops(counter.get_total_flops()) / images, images / seconds
 
 
-def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any, num_classes: int) -> dict[str, Any]:
+def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any,
+                    num_classes: int) -> dict[str, Any]:
     device = torch.device(train.device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.pretrain_batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(train.seed))
@@ -128,8 +129,8 @@ def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset
 
     run(batches[: args.warmup])
     per_image, rate = measure(run, batches[args.warmup:])
-    return {"step": "pretraining", "batch_size": args.pretrain_batch_size, "images": args.pretrain_steps * args.pretrain_batch_size,
-            "gflops_per_image": per_image, "images_per_s": rate}
+    return {"step": "pretraining", "batch_size": args.pretrain_batch_size,
+            "images": args.pretrain_steps * args.pretrain_batch_size, "gflops_per_image": per_image, "images_per_s": rate}
 
 
 def build_detector(train: argparse.Namespace, steps_per_epoch: int,
@@ -201,7 +202,8 @@ def report(args: argparse.Namespace, train: argparse.Namespace) -> dict[str, Any
     training.seed_everything(train.seed)
     dataset, _ = training.build_datasets(train)
     train.num_classes = train.num_classes or dataset.num_classes
-    states = state_rows(args, train, dataset) if args.states else []  # first: a checkpoint that does not fit fails fast
+    # the states first: a checkpoint that does not fit ends the run before minutes of measurement
+    states = state_rows(args, train, dataset) if args.states else []
     rate = product_rate() / 1e9
     rows = [pretraining_row(args, train, dataset, train.num_classes), detector_row(args, train, dataset)]
     for row in rows:
