@@ -14,8 +14,8 @@ floor, and the rest of a step (normalisation, the optimizer, Python) only adds t
 
 With ``--states CHECKPOINT ...`` it also times the detector's training steps from each
 checkpoint's model and AdamW state against the untrained start, taking turns on the same
-batches in ``--rounds`` rounds: whether a trained state by itself steps slower (the issue's
-question behind a demo whose later epochs run slower than its first).
+batches in ``--rounds`` rounds: whether a trained state by itself steps slower, when a demo's
+later epochs run slower than its first.
 
     python tools/demo_floor.py --config configs/demo.yaml --coco_path data/synthetic --threads 2 \
         --states outputs/demo/checkpoint0004.pth outputs/demo/checkpoint.pth
