@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from datasets import build_dataset
 from main import check_args, parse_args as training_args, seed_everything
@@ -85,6 +85,15 @@ def build_pretraining(train: argparse.Namespace, num_classes: int, lr: float,
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=train.weight_decay, fused=True)
 
 
+def pretraining_loader(dataset: Dataset, train: argparse.Namespace, batch_size: int,
+                       device: torch.device) -> DataLoader:
+    """Batches of ``batch_size`` training images, shuffled from ``train.seed``, the last partial one
+    dropped; page-locked on a GPU."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+                      num_workers=train.num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(train.seed))
+
+
 def train_step(model: CellClassifier, optimizer: torch.optim.Optimizer, samples: NestedTensor,
                targets: Sequence[dict[str, Tensor]], num_classes: int,
                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,9 +127,7 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
     device = torch.device(train.device)
     dataset = build_dataset("train", train)
     num_classes = train.num_classes or dataset.num_classes
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate_fn, num_workers=train.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(train.seed))
+    loader = pretraining_loader(dataset, train, train.batch_size, device)
     if len(loader) == 0:
         raise UserError(f"--batch_size {train.batch_size} is larger than the {len(dataset)} training images")
     model, optimizer = build_pretraining(train, num_classes, args.pretrain_lr, device)

@@ -44,7 +44,6 @@ from models import build_model, fast_path  # noqa: E402
 from util.checkpoint import load_model_weights, read_checkpoint  # noqa: E402
 from util.errors import UserError, exit_status  # noqa: E402
 from util.flops import flop_counter, gflops  # noqa: E402
-from util.misc import collate_fn  # noqa: E402
 
 PRODUCT_SIZE = 2048
 
@@ -117,8 +116,7 @@ def measure(run: Callable[[list], int], batches: list) -> tuple[float, float]:
 def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any,
                     num_classes: int) -> dict[str, Any]:
     device = torch.device(train.device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.pretrain_batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(train.seed))
+    loader = pretrain_backbone.pretraining_loader(dataset, train, args.pretrain_batch_size, device)
     batches = first_batches(loader, args, "--pretrain_batch_size")
     model, optimizer = pretrain_backbone.build_pretraining(train, num_classes, args.pretrain_lr, device)
 
