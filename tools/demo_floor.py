@@ -113,11 +113,9 @@ def measure(run: Callable[[list], int], batches: list) -> tuple[float, float]:
     return gflops(counter.get_total_flops()) / images, images / seconds
 
 
-def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any,
+def pretraining_row(args: argparse.Namespace, train: argparse.Namespace, batches: list,
                     num_classes: int) -> dict[str, Any]:
     device = torch.device(train.device)
-    loader = pretrain_backbone.pretraining_loader(dataset, train, args.pretrain_batch_size, device)
-    batches = first_batches(loader, args, "--pretrain_batch_size")
     model, optimizer = pretrain_backbone.build_pretraining(train, num_classes, args.pretrain_lr, device)
 
     def run(chosen: list) -> int:
@@ -156,29 +154,23 @@ def build_detector(train: argparse.Namespace, steps_per_epoch: int,
     return run
 
 
-def detector_loader(train: argparse.Namespace, dataset: Any) -> Any:
-    return training.build_loaders(train, dataset, dataset)[0]  # (its validation loader unused)
-
-
-def detector_row(args: argparse.Namespace, train: argparse.Namespace, dataset: Any) -> dict[str, Any]:
-    loader = detector_loader(train, dataset)
-    batches = first_batches(loader, args, "--batch_size")
-    run = build_detector(train, len(loader))
+def detector_row(args: argparse.Namespace, train: argparse.Namespace, steps_per_epoch: int,
+                 batches: list) -> dict[str, Any]:
+    run = build_detector(train, steps_per_epoch)
     with contextlib.redirect_stdout(io.StringIO()):
         run(batches[: args.warmup])
     per_image, rate = measure(run, batches[args.warmup:])
-    epoch_images = len(loader) * train.batch_size
-    return {"step": "detector", "batch_size": train.batch_size, "images": train.epochs * epoch_images,
-            "gflops_per_image": per_image, "images_per_s": rate}
+    images = train.epochs * steps_per_epoch * train.batch_size
+    return {"step": "detector", "batch_size": train.batch_size, "images": images, "gflops_per_image": per_image,
+            "images_per_s": rate}
 
 
-def state_rows(args: argparse.Namespace, train: argparse.Namespace, dataset: Any) -> list[dict[str, Any]]:
+def state_rows(args: argparse.Namespace, train: argparse.Namespace, steps_per_epoch: int,
+               batches: list) -> list[dict[str, Any]]:
     """img/s of the detector's steps from the untrained start and from each of ``--states``,
     taking turns on the same batches; the median of the rounds and its ratio to the start's."""
-    loader = detector_loader(train, dataset)
-    batches = first_batches(loader, args, "--batch_size")
-    runs = {"start": build_detector(train, len(loader))}
-    runs.update({path: build_detector(train, len(loader), path) for path in args.states})
+    runs = {"start": build_detector(train, steps_per_epoch)}
+    runs.update({path: build_detector(train, steps_per_epoch, path) for path in args.states})
     rates: dict[str, list[float]] = {name: [] for name in runs}
     with contextlib.redirect_stdout(io.StringIO()):
         for run in runs.values():
@@ -200,10 +192,17 @@ def report(args: argparse.Namespace, train: argparse.Namespace) -> dict[str, Any
     training.seed_everything(train.seed)
     dataset, _ = training.build_datasets(train)
     train.num_classes = train.num_classes or dataset.num_classes
-    # the states first: a checkpoint that does not fit ends the run before minutes of measurement
-    states = state_rows(args, train, dataset) if args.states else []
+    # every batch first (too few ends the run in one line), then the states (a checkpoint that
+    # does not fit ends it too), both before minutes of measurement
+    device = torch.device(train.device)
+    pretraining_loader = pretrain_backbone.pretraining_loader(dataset, train, args.pretrain_batch_size, device)
+    pretraining_batches = first_batches(pretraining_loader, args, "--pretrain_batch_size")
+    loader = training.build_loaders(train, dataset, dataset)[0]  # the detector's (its validation loader unused)
+    batches = first_batches(loader, args, "--batch_size")
+    states = state_rows(args, train, len(loader), batches) if args.states else []
     rate = product_rate() / 1e9
-    rows = [pretraining_row(args, train, dataset, train.num_classes), detector_row(args, train, dataset)]
+    rows = [pretraining_row(args, train, pretraining_batches, train.num_classes),
+            detector_row(args, train, len(loader), batches)]
     for row in rows:
         row["gflops_per_s"] = row["gflops_per_image"] * row["images_per_s"]
         row["of_product_rate"] = row["gflops_per_s"] / rate
