@@ -7,7 +7,6 @@
 """
 import argparse
 import datetime
-import functools
 import json
 import random
 import sys
@@ -17,23 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
-from timm.data import Mixup
-from timm.data.distributed_sampler import RepeatAugSampler
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 import util.misc as utils
-from datasets import build_dataset, get_coco_api_from_dataset
-from datasets.classification import build_classification_dataset
-from datasets.coco_eval import STAT_NAMES
-from datasets.panoptic_eval import panoptic_row
 from datasets.samplers import ShardedBatchSampler
-from engine import BatchTransform, NonFiniteLossError, evaluate, evaluate_classification, ratio_key, train_one_epoch
-from models import build_model, fast_path
-from models.backbone import load_backbone_weights
-from models.vit import load_vit_weights, vit_state_dict
-from models.segmentation import PostProcessPanoptic, load_frozen_detector
+from engine import NonFiniteLossError, train_one_epoch
+from models import fast_path
+from tasks import Task, check_task_flags, get_task
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError, exit_status
 from util.flags import TRAIN_EVAL_RATIOS, get_args_parser, parse_args  # noqa: F401 (main.get_args_parser: the parser)
@@ -42,8 +32,6 @@ from util.plot_utils import log_scalars, plot_tradeoff
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
-
-COMPILE_SIZE_DIVISIBILITY = 32  # the largest backbone stride
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -58,8 +46,6 @@ def check_args(args: argparse.Namespace) -> None:
     for r in args.eval_ratios or []:
         if not 0 < r <= 1:
             raise UserError(f"--eval_ratios: every ratio must lie in (0, 1], got {r}")
-    if args.frozen_weights is not None and not args.masks:
-        raise UserError("--frozen_weights is for training the mask head and needs --masks")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.batch_size < 1:
@@ -72,14 +58,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--channels_last and --no_channels_last contradict each other: give one")
     if args.tensorboard and not args.eval and not args.output_dir:
         raise UserError("--tensorboard logs to output_dir/tensorboard: give --output_dir")
-    if args.task == "classification":
-        for flag in ("masks", "compile", "channels_last"):
-            if getattr(args, flag):
-                raise UserError(f"--{flag} is a detection flag; --task classification does not use it")
-        if not args.data_path:
-            raise UserError("--task classification needs --data_path (an ImageFolder root with train/ and val/)")
-        if not args.eval and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-            raise UserError(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
+    if args.finetune and args.resume:
+        raise UserError("--finetune starts a new run from a checkpoint's weights; --resume continues one: give one")
+    check_task_flags(get_task(args.task), args)
 
 
 def seed_everything(seed: int) -> None:
@@ -91,23 +72,6 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(args: argparse.Namespace, epoch: int) -> int:
     """Each epoch's randomness depends only on (seed, epoch, rank): resuming replays it exactly."""
     return args.seed + 1000 * epoch + utils.get_rank()
-
-
-def eval_rows(stats: dict[str, Any], ratios: list[Optional[float]], task: str = "detection") -> list[dict[str, Any]]:
-    """One ``{"ratio": r, "AP": ..., ...}`` row per ratio from ``evaluate``'s stats, or with
-    ``task="classification"`` one ``{"ratio": r, "top1": %, "top5": %, ...}`` row from
-    ``evaluate_classification``'s."""
-    if task == "classification":
-        return [{"ratio": r, "top1": stats[f"{ratio_key(r)}acc1"], "top5": stats[f"{ratio_key(r)}acc5"],
-                 "images_per_s": stats[f"{ratio_key(r)}images_per_s"]} for r in ratios]
-    rows = []
-    for r in ratios:
-        values = stats[f"{ratio_key(r)}coco_eval_bbox"]
-        rows.append({"ratio": r, **{name: float(v) for name, v in zip(STAT_NAMES, values)},
-                     "images_per_s": stats[f"{ratio_key(r)}images_per_s"]})
-        if f"{ratio_key(r)}PQ_all" in stats:
-            rows[-1].update(panoptic_row(stats, ratio_key(r)))
-    return rows
 
 
 def add_flops(rows: list[dict[str, Any]], model: torch.nn.Module, dataset, num_images: int,
@@ -137,21 +101,6 @@ def read_baseline(path: str, metric: str = "AP") -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The AP columns (detection) or top-1 / top-5 in % (classification), then GFLOPs and img/s
-    where the rows have them."""
-    detection = "AP" in rows[0]
-    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"] if detection else ["top1", "top5"]
-    number = "{:6.3f}" if detection else "{:6.2f}"
-    extras = [(key, title) for key, title in (("gflops", "GFLOPs"), ("images_per_s", "img/s")) if key in rows[0]]
-    lines = ["ratio  " + "  ".join(f"{n:>6}" for n in names) + "".join(f"  {title:>7}" for _, title in extras)]
-    for row in rows:
-        ratio = f"{'DETR' if detection else 'ViT':<5}" if row["ratio"] is None else f"{row['ratio']:<5g}"
-        lines.append(f"{ratio}  " + "  ".join(number.format(row[n]) for n in names)
-                     + "".join(f"  {row[key]:7.{3 if key == 'gflops' and not detection else 2}f}" for key, _ in extras))
-    return "\n".join(lines)
-
-
 def tensorboard_writer(args: argparse.Namespace, output_dir: Optional[Path]) -> Optional["SummaryWriter"]:
     """A TensorBoard writer for ``output_dir/tensorboard`` on rank 0 when training with
     ``--tensorboard``, else None (``--eval`` logs no epoch).
@@ -169,31 +118,26 @@ def tensorboard_writer(args: argparse.Namespace, output_dir: Optional[Path]) -> 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Optional[Dataset], Dataset]:
     """The training split (None with ``--eval``) and the validation split of ``--task``'s data."""
-    build = build_classification_dataset if args.task == "classification" else build_dataset
-    dataset_val = build("val", args)
-    return (None if args.eval else build("train", args)), dataset_val
+    task = get_task(args.task)
+    dataset_val = task.build_dataset("val", args)
+    return (None if args.eval else task.build_dataset("train", args)), dataset_val
 
 
-def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple[Optional[DataLoader], DataLoader]:
-    # Detection pads images to a NestedTensor; compiled, batches are padded to a multiple of the
-    # largest backbone stride: fewer shapes to compile, and exact feature sizes (torch 2.14's
-    # compiled backward failed at odd ones). Classification images share one size: stacked.
-    # On a GPU, batches come in page-locked memory, so that the engine's non-blocking copies are.
+def build_loaders(args: argparse.Namespace, dataset_train: Optional[Dataset], dataset_val: Dataset
+                  ) -> tuple[Optional[DataLoader], DataLoader]:
+    """The training loader (None without ``dataset_train``) and the validation loader, each
+    process its shard. On a GPU, batches come in page-locked memory, so that the engine's
+    non-blocking copies are."""
+    task = get_task(args.task)
     pin_memory = torch.device(args.device).type == "cuda"
-    collate_fn = None
-    if args.task == "detection":
-        collate_fn = functools.partial(utils.collate_fn,
-                                       size_divisibility=COMPILE_SIZE_DIVISIBILITY if args.compile else 1)
+    collate_fn = task.collate_fn(args)
     batches_val = ShardedBatchSampler(len(dataset_val), args.batch_size, utils.get_rank(), utils.get_world_size())
     loader_val = DataLoader(dataset_val, batch_sampler=batches_val, collate_fn=collate_fn,
                             num_workers=args.num_workers, pin_memory=pin_memory)
     if dataset_train is None:
         return None, loader_val
-    if args.task == "classification" and args.repeated_aug:
-        sampler_train = RepeatAugSampler(dataset_train, num_replicas=utils.get_world_size(), rank=utils.get_rank())
-    else:
-        sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)
-    batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    batch_sampler = torch.utils.data.BatchSampler(task.train_sampler(args, dataset_train), args.batch_size,
+                                                  drop_last=True)
     if len(batch_sampler) == 0:
         raise UserError(f"--batch_size {args.batch_size} is larger than the {len(dataset_train)} training images")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
@@ -203,22 +147,13 @@ def build_loaders(args: argparse.Namespace, dataset_train, dataset_val) -> tuple
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module,
                     steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW and the lr schedule of ``--lr_schedule`` (cosine: updated every iteration).
+    """AdamW over the task's parameter groups, and the lr schedule of ``--lr_schedule`` (cosine:
+    updated every iteration).
 
     AdamW is torch's fused one: one kernel over all parameters (fewer, larger operations than its
     default), the same update up to float rounding.
-
-    Detection: one group at ``--lr`` and the backbone's at ``--lr_backbone``. Classification
-    (DeiT): no weight decay on biases, norms, the position embedding and the class token.
     """
-    if args.task == "classification":
-        param_groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=("pos_embed", "cls_token"))
-    else:
-        param_groups = [
-            {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
-            {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
-             "lr": args.lr_backbone},
-        ]
+    param_groups = get_task(args.task).param_groups(args, model)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     if args.lr_schedule == "cosine":
         return optimizer, CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
@@ -235,32 +170,25 @@ def lr_steps(lr_scheduler: Any, epoch: int, steps_per_epoch: int) -> tuple[Optio
     return None, lr_scheduler.step
 
 
-def batch_transform(args: argparse.Namespace) -> Optional[BatchTransform]:
-    """timm's Mixup / CutMix for classification training with ``--mixup`` or ``--cutmix``, else None."""
-    if args.task != "classification" or (args.mixup <= 0 and args.cutmix <= 0):
-        return None
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                 num_classes=args.num_classes)
-
-
-def run_evaluation(args: argparse.Namespace, model: torch.nn.Module, criterion: torch.nn.Module,
-                   postprocessors: dict[str, torch.nn.Module], loader_val: DataLoader, base_ds: Any,
-                   device: torch.device, ratios: list[Optional[float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_evaluation(task: Task, args: argparse.Namespace, model: torch.nn.Module, criterion: torch.nn.Module,
+                   postprocessors: dict[str, torch.nn.Module], loader_val: DataLoader, device: torch.device,
+                   ratios: list[Optional[float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The stats of the task's evaluation at ``ratios`` and their ``eval.json`` rows."""
-    if args.task == "classification":
-        stats = evaluate_classification(model, loader_val, device, ratios, args.amp)
-    else:
-        stats = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, ratios, args.amp)
-    return stats, eval_rows(stats, ratios, args.task)
+    stats = task.evaluate(args, model, criterion, postprocessors, loader_val, device, ratios)
+    return stats, task.eval_rows(stats, ratios)
 
 
-def model_name(args: argparse.Namespace, uses_pnp: bool) -> str:
-    name = "ViT" if args.task == "classification" else "DETR"
-    return f"PnP-{name}" if uses_pnp else name
+def load_finetune_weights(task: Task, model: torch.nn.Module, source: str) -> list[str]:
+    """``--finetune``: a checkpoint's model weights, its class head replaced when the class count
+    differs (nothing else is taken from it: no optimiser, epoch or flags)."""
+    checkpoint = read_checkpoint(source, flag="--finetune")
+    return load_model_weights(model, checkpoint["model"], source, head_prefix=task.head_prefix,
+                              sampler_prefix=task.sampler_prefix)
 
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
+    task = get_task(args.task)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
     warning = utils.slow_bf16_warning(device) if args.amp else None
@@ -287,11 +215,8 @@ def main(args: argparse.Namespace) -> None:
         else:
             args.num_classes = (dataset_val if args.eval else dataset_train).num_classes
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-    base_ds = get_coco_api_from_dataset(dataset_val) if args.task == "detection" else None
 
-    model, criterion, postprocessors = build_model(args)
-    if args.masks:
-        postprocessors["panoptic"] = PostProcessPanoptic(dataset_val.is_thing_map)
+    model, criterion, postprocessors = task.build_model(args, dataset_val)
     fast_path(model.to(device), channels_last=not args.no_channels_last)
     criterion.to(device)
     if args.compile:  # in place: the state_dict keys stay those of the eager model
@@ -302,11 +227,12 @@ def main(args: argparse.Namespace) -> None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f"{model_name(args, model_without_ddp.uses_pnp)}: {n_parameters:,} trainable parameters")
+    print(f"{task.display_name(model_without_ddp.uses_pnp)}: {n_parameters:,} trainable parameters")
     optimizer, lr_scheduler = build_optimizer(args, model_without_ddp, len(loader_train) if loader_train else 1)
 
     if checkpoint is not None:
-        for note in load_model_weights(model_without_ddp, checkpoint["model"], resume):
+        for note in load_model_weights(model_without_ddp, checkpoint["model"], resume, head_prefix=task.head_prefix,
+                                       sampler_prefix=task.sampler_prefix):
             print(note)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -314,33 +240,28 @@ def main(args: argparse.Namespace) -> None:
             if isinstance(lr_scheduler, torch.optim.lr_scheduler.StepLR):
                 lr_scheduler.step_size = args.lr_drop
             args.start_epoch = checkpoint["epoch"] + 1
-    elif args.frozen_weights is not None:  # a resumed --masks run holds its detector already
-        load_frozen_detector(model_without_ddp, args.frozen_weights)
-    elif not args.eval and args.task == "classification":
-        if args.vit_weights != "none":
-            state_dict = vit_state_dict(args.vit_weights, args.vit_arch)
-            for note in load_vit_weights(model_without_ddp, state_dict, f"--vit_weights {args.vit_weights}"):
-                print(note)
-    elif not args.eval:
-        load_backbone_weights(model_without_ddp.backbone[0], args.backbone_weights)
+    else:  # a resumed run holds its weights already
+        notes = (load_finetune_weights(task, model_without_ddp, args.finetune) if args.finetune
+                 else task.load_initial_weights(args, model_without_ddp))
+        for note in notes:
+            print(note)
 
     pnp = model_without_ddp.uses_pnp
     if args.eval:
         ratios = (args.eval_ratios or [args.sample_topk_ratio]) if pnp else [None]
-        if not resume:
-            print("warning: evaluating a model with untrained weights (no --resume and no checkpoint in --output_dir)")
-        metric = "top1" if args.task == "classification" else "AP"
-        baseline = read_baseline(args.baseline_eval, metric) if args.baseline_eval else None
-        _, rows = run_evaluation(args, model_without_ddp, criterion, postprocessors, loader_val, base_ds, device, ratios)
+        if not resume and not args.finetune:
+            print("warning: evaluating a model with untrained weights (no --resume, --finetune or checkpoint in --output_dir)")
+        baseline = read_baseline(args.baseline_eval, task.metric) if args.baseline_eval else None
+        _, rows = run_evaluation(task, args, model_without_ddp, criterion, postprocessors, loader_val, device, ratios)
         if utils.is_main_process():
             if args.flops_images > 0:
                 add_flops(rows, model_without_ddp, dataset_val, args.flops_images, device)
                 print(f"{CONVENTION}; mean over the first {min(args.flops_images, len(dataset_val))} val images")
-            print(format_table(rows))
+            print(task.format_table(rows))
             if output_dir is not None:
                 (output_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
                 if args.flops_images > 0:
-                    plot_tradeoff(rows, output_dir / "tradeoff.png", baseline, metric, model_name(args, False))
+                    plot_tradeoff(rows, output_dir / "tradeoff.png", baseline, task.metric, task.model_name)
         return
 
     ratios = (args.eval_ratios or TRAIN_EVAL_RATIOS) if pnp else [None]
@@ -349,7 +270,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"nothing to train: the checkpoint already holds epoch {args.start_epoch - 1} of --epochs {args.epochs}")
     else:
         print(f"training epochs {args.start_epoch}..{args.epochs - 1}")
-    mix = batch_transform(args)
+    mix = task.batch_transform(args)
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         seed_everything(epoch_seed(args, epoch))
@@ -380,11 +301,11 @@ def main(args: argparse.Namespace) -> None:
                      "n_parameters": n_parameters}
         last = epoch == args.epochs - 1
         if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            test_stats, rows = run_evaluation(args, model_without_ddp, criterion, postprocessors, loader_val,
-                                              base_ds, device, ratios)
+            test_stats, rows = run_evaluation(task, args, model_without_ddp, criterion, postprocessors, loader_val,
+                                              device, ratios)
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if utils.is_main_process():
-                print(format_table(rows))
+                print(task.format_table(rows))
         if output_dir is not None and utils.is_main_process():
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")

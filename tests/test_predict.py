@@ -19,6 +19,8 @@ from datasets.transforms import make_coco_transforms
 from models import build_model
 from models.detr import PostProcess
 from models.pnp import poll_counts
+from tasks.classification import classify
+from tasks.detection import detect
 from util.checkpoint import plain_args
 from util.draw import PALETTE, PANEL_GAP
 from util.misc import collate_fn
@@ -103,8 +105,8 @@ def test_boxes_are_clipped_to_the_image(checkpoint, val_folder):
 
     paths = predict.list_images([str(val_folder)])[:BATCH + 1]
     seen = 0
-    for _, image, result, _ in predict.predict(model, outgrown, paths, trained.eval_size, RATIO,
-                                               torch.device("cpu"), BATCH, with_poll=False):
+    for _, image, result, _ in detect(model, outgrown, paths, trained.eval_size, RATIO,
+                                      torch.device("cpu"), BATCH, with_poll=False):
         whole = torch.tensor([0.0, 0.0, image.width, image.height])
         assert torch.equal(result["boxes"], whole.expand_as(result["boxes"]))
         seen += 1
@@ -141,8 +143,8 @@ def test_poll_grid_marks_each_images_polled_positions_and_pool_weights(checkpoin
     with Image.open(second) as image:  # a narrow image: a smaller feature grid, padded in the batch
         image.crop((0, 0, image.width // 2, image.height)).save(tmp_path / "narrow.png")
     paths = [first, tmp_path / "narrow.png", first]
-    outputs = list(predict.predict(model, postprocess, paths, args.eval_size, RATIO, torch.device("cpu"),
-                                   batch_size=3, with_poll=True))
+    outputs = list(detect(model, postprocess, paths, args.eval_size, RATIO, torch.device("cpu"),
+                          batch_size=3, with_poll=True))
     assert outputs[0][3].polled.shape != outputs[1][3].polled.shape
     for _, image, _, grid in outputs:
         width, height = image.size
@@ -350,7 +352,7 @@ def test_classification_poll_grid_is_the_samplers_poll(vit, ratio):
     model, postprocess, args = predict.load_model(str(checkpoint), torch.device("cpu"))
     assert postprocess is None and model.uses_pnp
     paths = predict.list_images(_val_images(root)[:3])
-    outputs = list(predict.classify(model, paths, args, ratio, torch.device("cpu"), batch_size=2, with_poll=True))
+    outputs = list(classify(model, paths, args, ratio, torch.device("cpu"), batch_size=2, with_poll=True))
     assert len(outputs) == 3
     transform = build_classification_dataset("val", args).transform
     for path, image, view, probabilities, grid in outputs:

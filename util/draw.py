@@ -2,8 +2,11 @@
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from models.pnp import SampledTokens
 
 # Distinct colours, one per category id (cycled).
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -27,6 +30,17 @@ class PollGrid:
     polled: Tensor
     pool_mass: Tensor
     cell: tuple[float, float]
+
+
+def poll_maps(sampled: SampledTokens, num_positions: int) -> tuple[Tensor, Tensor]:
+    """Per image, on the CPU: ``(B, L)`` bool, the positions polled as fine tokens, and ``(B, L)``
+    the pool's weight on each position, summed over the ``M`` coarse tokens and divided by ``M``."""
+    batch = sampled.poll_index.shape[0]
+    polled = torch.zeros(batch, num_positions, dtype=torch.bool, device=sampled.poll_index.device)
+    fine_pad = torch.arange(sampled.num_fine, device=polled.device)[None] >= sampled.num_polled[:, None]
+    polled.scatter_(1, sampled.poll_index, ~fine_pad)
+    mass = sampled.pool_weights.float().sum(1) / sampled.pool_weights.shape[1]
+    return polled.cpu(), mass.cpu()
 
 
 def _font(scale: float) -> ImageFont.ImageFont:
