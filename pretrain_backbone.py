@@ -8,7 +8,7 @@ or as background. The weights are saved as a torchvision ResNet state_dict (stem
 kept), with their BatchNorm statistics, and main.py loads them with --backbone_weights PATH
 (frozen BatchNorm, stem and layer1 frozen, as for ImageNet weights).
 
-    python pretrain_backbone.py --config configs/demo.yaml --steps 1500 --out outputs/demo/backbone.pth
+    python pretrain_backbone.py --config configs/demo.yaml --steps 1500 --output outputs/demo/backbone.pth
     python main.py --config configs/demo.yaml --backbone_weights outputs/demo/backbone.pth
 
 Data, model and run flags (--coco_path, --backbone, --backbone_last_stage, --eval_size, --augment,
@@ -111,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         "pretrain_backbone.py", description=__doc__.split("\n\n")[0],
         epilog="Every other flag is main.py's (see python main.py --help), --config included.")
-    p.add_argument("--out", required=True, help="where to write the backbone state_dict (.pth)")
+    p.add_argument("--output", "--out", required=True, help="where to write the backbone state_dict (.pth)")
     p.add_argument("--steps", default=1500, type=int, help="optimizer steps (default: 1500)")
     p.add_argument("--pretrain_lr", default=1e-3, type=float, help="AdamW learning rate (default: 1e-3)")
     p.add_argument("--print_every", default=100, type=int, help="progress line every this many steps (default: 100)")
@@ -151,7 +151,7 @@ def pretrain(args: argparse.Namespace, train: argparse.Namespace) -> None:
                 correct = objects = 0
             if step == args.steps:
                 break
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Saved in the contiguous layout whatever the one trained in, as torchvision's own weights are.
     save_on_master({name: value.contiguous() for name, value in backbone.body.state_dict().items()}, out)

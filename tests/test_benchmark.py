@@ -1,28 +1,24 @@
 """A smoke run of tools/benchmark.py on a tiny model (seconds), and its memory meter."""
 import json
-import os
-import sys
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import benchmark  # noqa: E402
+from tools import benchmark
 
 TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--backbone_last_stage", "3",
               "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "2",
               "--dim_feedforward", "64", "--num_queries", "6", "--unsample_abstract_number", "4"]
 
 
-def test_tiny_benchmark_writes_every_figure_and_check(tmp_path, capsys):
+def test_tiny_benchmark_writes_every_figure_with_its_ratio_to_detr(tmp_path, capsys):
     output = tmp_path / "bench.json"
     benchmark.run(["--size", "64", "96", "--variants", "r50", "--ratios", "0.5", "1.0", "--repeats", "1",
                    "--warmup", "0", "--train_repeats", "1", "--threads", "1", "--output", str(output),
                    "--", *TINY_MODEL])
     out = capsys.readouterr().out
-    assert "one multiply-add as one FLOP" in out and "| DETR | - |" in out and "(1.00x)" in out and "checks:" in out
+    assert "one multiply-add as one FLOP" in out and "| DETR | - |" in out and "(1.00x)" in out
 
     report = json.loads(output.read_text())
     rows = report["results"]
@@ -37,17 +33,6 @@ def test_tiny_benchmark_writes_every_figure_and_check(tmp_path, capsys):
     assert rows[1]["gflops_transformer"] < rows[2]["gflops_transformer"]
     assert "sampler_latency" in rows[1] and "sampler_latency" not in rows[0]
     assert report["eval"][0]["all_ratios"]["median"] > 0
-    names = " ".join(check["name"] for check in report["checks"])
-    assert "FLOPs ratio" in names and "sampler" in names and "evaluation" in names
-
-
-@pytest.mark.parametrize("variant,checked", [("R50", True), ("DC5-R50", False)])
-def test_four_ratio_evaluation_target_is_checked_for_stride_32_only(variant, checked):
-    timing = benchmark.Timing.of
-    evaluation = {"variant": variant, "dtype": "fp32", "ratios": [0.33, 0.5],
-                  "one_ratio": timing([1.0]), "all_ratios": timing([1.7])}
-    found = benchmark.checks([], [evaluation], torch.device("cpu"))
-    assert [(check.value, check.passed) for check in found] == ([(1.7, False)] if checked else [])
 
 
 def test_parts_clock_and_model_flags_are_honoured(tmp_path):
@@ -93,59 +78,3 @@ def test_compile_also_compiles_the_encoder_decoder_and_sampler_columns():
         expected = expected.tokens if part == "sampler_latency" else expected
         got = got.tokens if part == "sampler_latency" else got
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
-PLAIN_SINCE = "970c717"  # the last commit whose default path was the plain one
-
-
-def test_plain_path_computes_bitwise_what_the_default_path_of_970c717_did(tmp_path):
-    """``--plain`` stands for the old default path: same weights, same input, the same bits."""
-    import subprocess
-    import tarfile
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    archive = tmp_path / "old.tar"
-    made = subprocess.run(["git", "archive", "-o", str(archive), PLAIN_SINCE], cwd=repo, capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"commit {PLAIN_SINCE} is not in this checkout's history")
-    old = tmp_path / "old"
-    with tarfile.open(archive) as tar:
-        tar.extractall(old, filter="data")
-    flags = [*TINY_MODEL, "--backbone_weights", "imagenet", "--num_classes", "5", "--device", "cpu"]  # FrozenBN
-    script = ("import sys, torch; import main; from models.detr import build\n"
-              "torch.set_num_threads(1); args = main.parse_args(sys.argv[2:])\n"
-              "model = build(args)[0].eval(); model.load_state_dict(torch.load(sys.argv[1] + '/state.pth'))\n"
-              "image = torch.load(sys.argv[1] + '/image.pth')\n"
-              "with torch.no_grad(): out = model(image, 0.5)\n"
-              "torch.save({k: out[k] for k in ('pred_logits', 'pred_boxes')}, sys.argv[1] + '/out.pth')\n")
-    args = benchmark.main.parse_args(flags)
-    torch.manual_seed(0)
-    model = benchmark.build(args)[0].eval()
-    for m in model.modules():
-        if isinstance(m, benchmark.FrozenBatchNorm2d):
-            m.running_var.uniform_(0.5, 1.5)
-            m.running_mean.normal_(0, 0.1)
-    torch.save(model.state_dict(), tmp_path / "state.pth")
-    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-    torch.save(image, tmp_path / "image.pth")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path), *flags], cwd=old, check=True)
-    expected = torch.load(tmp_path / "out.pth")
-
-    plain = benchmark.plain_path(benchmark.fast_path(model))
-    assert not any(isinstance(m, benchmark.FrozenBatchNorm2d) for m in plain.modules())
-    with torch.no_grad():
-        out = plain(image, 0.5)
-    assert all(torch.equal(out[k], v) for k, v in expected.items())
-
-
-def test_plain_rows_are_timed_beside_the_fast_ones_and_checked(tmp_path):
-    output = tmp_path / "bench.json"
-    benchmark.run(["--size", "64", "64", "--variants", "r50", "--ratios", "0.5", "--parts", "latency", "--plain",
-                   "--repeats", "1", "--warmup", "0", "--output", str(output), "--", *TINY_MODEL])
-    report = json.loads(output.read_text())
-    assert [(r["model"], r["ratio"]) for r in report["results"]] == [
-        ("DETR", None), ("PnP-DETR", 0.5), (benchmark.PLAIN, 0.5)]
-    fast, plain = report["results"][1:]
-    check = next(c for c in report["checks"] if "plain path" in c["name"])
-    assert check["value"] == pytest.approx(fast["latency"]["median"] / plain["latency"]["median"])
-    assert check["limit"] == 0.7

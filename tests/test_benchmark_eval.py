@@ -1,14 +1,10 @@
 """A smoke run of tools/benchmark_eval.py on a tiny set (seconds), and its synthetic inputs."""
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import benchmark_eval  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from tools import benchmark_eval
+from util.errors import UserError
 
 
 def test_synthetic_set_has_the_requested_sizes():

@@ -1,13 +1,9 @@
 """A smoke run of tools/benchmark_onnx.py on a tiny model: eager and ONNX Runtime timed, outputs compared."""
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import benchmark_onnx  # noqa: E402
+from tools import benchmark_onnx
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

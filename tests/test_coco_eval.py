@@ -13,10 +13,7 @@ import torch
 
 from datasets.coco import build
 from datasets.coco_eval import STAT_NAMES, CocoEvaluator, coco_from_dict, detection_rows, to_coco_results
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-from benchmark_eval import synthetic_eval_set  # noqa: E402
+from tools.benchmark_eval import synthetic_eval_set
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +220,8 @@ def test_the_12_stats_equal_pycocotools(eval_set, seen):
 
 def test_the_project_needs_neither_pycocotools_nor_panopticapi():
     """Training, evaluation (boxes and PQ), prediction and the tools import neither reference package."""
-    code = ("import sys; sys.path.insert(0, 'tools'); import main, engine, predict, pretrain_backbone, "
-            "models.segmentation, datasets.synthetic, benchmark_eval; "
+    code = ("import sys; import main, engine, predict, pretrain_backbone, "
+            "models.segmentation, datasets.synthetic, tools.benchmark_eval; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pycocotools', 'panopticapi')))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)

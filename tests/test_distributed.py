@@ -144,8 +144,7 @@ EVAL_RATIOS = [0.33, 0.5, 0.8]
 
 def _eval_inputs() -> tuple[dict, dict[float, dict[int, dict[str, torch.Tensor]]]]:
     """A small ground truth and, per ratio, other detections of every image (xyxy tensors)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from benchmark_eval import synthetic_eval_set
+    from tools.benchmark_eval import synthetic_eval_set
 
     gt, rows = synthetic_eval_set(24, 3.0, 8, seed=2, crowd=0.1)
     generator = np.random.default_rng(0)

@@ -1,6 +1,5 @@
 """tools/export_onnx.py: tiny DETR, PnP-DETR and panoptic exports checked with ONNX Runtime; predict.py on them."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,12 +10,9 @@ import main
 import predict
 from models import build_model
 from util.checkpoint import plain_args
+from tools import export_onnx
 from util.onnx import OnnxDetector, SingleImageDetector, max_differences, session
 from conftest import TINY_FLAGS, assert_one_line_error
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import export_onnx  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -26,7 +22,7 @@ SIZES = [(64, 96), (80, 64)]  # each exported graph is checked again on two size
 
 
 def _export(checkpoint: Path, out: Path, capsys, *extra: str) -> tuple[int, str, str]:
-    code = export_onnx.run(["--checkpoint", str(checkpoint), "--out", str(out), *extra])
+    code = export_onnx.run(["--checkpoint", str(checkpoint), "--output", str(out), *extra])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -46,7 +42,7 @@ def pnp_export(trained, tmp_path_factory) -> tuple[Path, Path]:
     out, _ = trained
     onnx = tmp_path_factory.mktemp("onnx") / "pnp.onnx"
     assert export_onnx.run(["--checkpoint", str(out / "checkpoint.pth"), "--ratio", str(RATIO),
-                            "--out", str(onnx)]) == 0
+                            "--output", str(onnx)]) == 0
     return out / "checkpoint.pth", onnx
 
 
@@ -154,9 +150,14 @@ def test_bad_flags_end_in_one_line(trained, tmp_path, capsys, extra, needles):
     assert_one_line_error(code, err, *needles)
 
 
-def test_an_out_file_not_ending_in_onnx_is_named(trained, tmp_path, capsys):
+def test_an_output_file_not_ending_in_onnx_is_named(trained, tmp_path, capsys):
     code, _, err = _export(trained[0] / "checkpoint.pth", tmp_path / "model.pth", capsys)
-    assert_one_line_error(code, err, "--out", ".onnx")
+    assert_one_line_error(code, err, "--output:", ".onnx")
+
+
+def test_out_still_names_the_output_file():
+    args = export_onnx.get_args_parser().parse_args(["--checkpoint", "c.pth", "--out", "model.onnx"])
+    assert args.output == "model.onnx"
 
 
 def test_a_file_without_the_export_metadata_is_named(synthetic_root, tmp_path, capsys):

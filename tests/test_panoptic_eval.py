@@ -15,8 +15,8 @@ from datasets.panoptic_eval import PQ_NAMES, PanopticEvaluator, panoptic_row
 from datasets.synthetic import IMAGE_SIZE, generate
 from util.panoptic_png import ids_to_rgb, rgb_to_ids
 
-PANOPTICAPI_MISSING = ("panopticapi (pip install panopticapi-lite, which pins numpy<2) is not installed: "
-                       "the cross-check against the reference implementation is skipped")
+PANOPTICAPI_MISSING = ("panopticapi is not installed (pip install --no-deps panopticapi-lite; its metadata pins "
+                       "numpy<2): the cross-check against the reference implementation is skipped")
 CATEGORIES = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1},
               {"id": 3, "name": "s", "isthing": 0}]
 

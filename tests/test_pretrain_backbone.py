@@ -48,7 +48,7 @@ def test_cell_classifier_shapes():
 def test_pretrained_weights_load_as_backbone_weights(synthetic_root, tmp_path, capsys):
     out = tmp_path / "backbone.pth"
     flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--backbone_last_stage", "2", "--seed", "3"]
-    assert P.run(["--out", str(out), "--steps", "3", "--print_every", "1"] + flags) == 0
+    assert P.run(["--output", str(out), "--steps", "3", "--print_every", "1"] + flags) == 0
     printed = capsys.readouterr().out
     assert "step 3/3" in printed and "object-cell accuracy" in printed
     saved = torch.load(out, weights_only=True)
@@ -65,25 +65,30 @@ def test_pretrained_weights_load_as_backbone_weights(synthetic_root, tmp_path, c
 
 def test_pretraining_lowers_the_loss(synthetic_root, tmp_path, capsys):
     flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--backbone_last_stage", "2", "--batch_size", "8"]
-    assert P.run(["--out", str(tmp_path / "b.pth"), "--steps", "24", "--print_every", "3"] + flags) == 0
+    assert P.run(["--output", str(tmp_path / "b.pth"), "--steps", "24", "--print_every", "3"] + flags) == 0
     losses = [float(line.split("loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
               if line.startswith("step ")]
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
 
 
 def test_bad_steps_is_one_line(tmp_path, synthetic_root, capsys):
-    assert P.run(["--out", str(tmp_path / "b.pth"), "--steps", "0", "--coco_path", synthetic_root] + TINY_FLAGS) == 2
+    assert P.run(["--output", str(tmp_path / "b.pth"), "--steps", "0", "--coco_path", synthetic_root] + TINY_FLAGS) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --steps and --print_every must be at least 1, got 0 and 100"
     assert not (tmp_path / "b.pth").exists()
 
 
 def test_missing_dataset_is_one_line(tmp_path, capsys):
-    code = P.run(["--out", str(tmp_path / "b.pth"), "--coco_path", str(tmp_path / "nowhere")] + TINY_FLAGS)
+    code = P.run(["--output", str(tmp_path / "b.pth"), "--coco_path", str(tmp_path / "nowhere")] + TINY_FLAGS)
     assert_one_line_error(code, capsys.readouterr().err, "nowhere")
 
 
 def test_training_flags_are_checked_as_by_main(tmp_path, synthetic_root, capsys):
     flags = TINY_FLAGS + ["--coco_path", synthetic_root, "--batch_size", "0"]
-    assert P.run(["--out", str(tmp_path / "b.pth")] + flags) == 2
+    assert P.run(["--output", str(tmp_path / "b.pth")] + flags) == 2
     assert capsys.readouterr().err.strip() == "error: --batch_size must be at least 1, got 0"
+
+
+def test_out_still_names_the_output_file():
+    args, rest = P.get_args_parser().parse_known_args(["--out", "b.pth", "--output_dir", "run"])
+    assert args.output == "b.pth" and rest == ["--output_dir", "run"]

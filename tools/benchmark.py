@@ -1,18 +1,14 @@
 """Compute and speed of PnP-DETR against DETR, measured in one process.
 
-    python tools/benchmark.py                                 # CPU, fp32: R50 and DC5 at 800x1216
-    python tools/benchmark.py --device cuda --train_batch 4   # CUDA: fp32 and bf16 autocast
-    python tools/benchmark.py --parts flops latency --variants r50
-    python tools/benchmark.py --size 64 96 -- --backbone resnet18 --hidden_dim 32   # main.py flags after --
-    python tools/benchmark.py --plain --ratios 0.33 --parts latency   # the fast path against the plain one
+    python -m tools.benchmark                                 # CPU, fp32: R50 and DC5 at 800x1216
+    python -m tools.benchmark --device cuda --train_batch 4   # CUDA: fp32 and bf16 autocast
+    python -m tools.benchmark --parts flops latency --variants r50
+    python -m tools.benchmark --size 64 96 -- --backbone resnet18 --hidden_dim 32   # main.py flags after --
 
 For each backbone variant (``r50``: C5, stride 32; ``dc5``: dilated C5, stride 16) DETR
 (``--no_pnp``) and PnP-DETR are built with the same weights (only the sampler differs) and
 measured on one random image (batch 1) per poll ratio, on the fast path every entry point takes
-(``models.fast_path``; ``-- --no_channels_last`` keeps the contiguous layout). With ``--plain``,
-PnP-DETR is also measured on the plain path, with the same weights: torchvision's
-FrozenBatchNorm2d and the contiguous layout, the default path until commit 970c717
-(tests/test_benchmark.py checks that it computes bitwise what that commit's code computed):
+(``models.fast_path``; ``-- --no_channels_last`` keeps the contiguous layout):
 
 - ``flops``: whole-model, transformer (sampler + encoder + decoder) and sampler GFLOPs,
   one multiply-add = one FLOP;
@@ -26,13 +22,10 @@ FrozenBatchNorm2d and the contiguous layout, the default path until commit 970c7
   batch of ``--train_batch`` images: time and peak memory of the tensors it allocates.
 
 Every figure is also printed as a ratio to the DETR of the same variant, measured in the
-same run; the checks of docs/BENCHMARKS.md are printed at the end, and everything is
-written to ``--output`` (JSON).
+same run, and everything is written to ``--output`` (JSON).
 """
 import argparse
-import copy
 import json
-import os
 import platform
 import statistics
 import sys
@@ -43,21 +36,16 @@ from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
-from torchvision import ops
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import main  # noqa: E402
-from models import fast_path  # noqa: E402
-from models.backbone import FrozenBatchNorm2d  # noqa: E402
-from models.detr import DETR, build  # noqa: E402
-from util.misc import slow_bf16_warning  # noqa: E402
-from util.flops import CONVENTION, count_flops  # noqa: E402
+import main
+from models import fast_path
+from models.detr import DETR, build
+from util.misc import slow_bf16_warning
+from util.flops import CONVENTION, count_flops
 
 VARIANT_FLAGS = {"r50": [], "dc5": ["--dilation"]}
-PLAIN = "PnP-DETR plain path"
 PARTS = ("flops", "latency", "eval", "train")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -86,9 +74,6 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="wall: elapsed time; cpu: CPU time of this process (CPU only: with --threads 1, the "
                         "latency a quiet machine would show, even on a busy one)")
-    p.add_argument("--plain", action="store_true",
-                   help="also measure PnP-DETR on the plain path (torchvision's FrozenBatchNorm2d, contiguous "
-                        "layout: the default path until commit 970c717), same weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmark.json", help="JSON result")
     args = p.parse_args(argv)
@@ -209,16 +194,6 @@ def build_pair(variant: str, model_flags: list[str], device: torch.device, seed:
     return label, detr[:2], pnp[:2]
 
 
-def plain_path(model: DETR) -> DETR:
-    """A copy of ``model`` on the plain path: torchvision's FrozenBatchNorm2d forward (five
-    elementwise ops) and contiguous weights, as every entry point ran it until commit 970c717."""
-    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    for module in plain.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            module.__class__ = ops.FrozenBatchNorm2d
-    return plain
-
-
 def inference_calls(model: DETR, image: Tensor, ratio: Optional[float], dtype: str,
                     device: torch.device, compile_parts: bool = False) -> dict[str, Callable[[], Any]]:
     """Whole model, transformer alone, its encoder and decoder alone, and (PnP) the sampler alone,
@@ -330,66 +305,6 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class Check:
-    """One target of the issue, evaluated on this run's figures."""
-
-    name: str
-    value: float
-    limit: float
-    passed: bool
-
-
-def checks(results: list[dict[str, Any]], evals: list[dict[str, Any]], device: torch.device) -> list[Check]:
-    """The issue's targets, for every variant and dtype whose figures were measured."""
-    found = []
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in results:
-        groups.setdefault((row["variant"], row["dtype"]), []).append(row)
-    for (variant, dtype), (detr, *others) in groups.items():
-        where = f"{variant} {device.type} {dtype}"
-        pnp = [row for row in others if row["model"] != PLAIN]
-        plain = {row["ratio"]: row for row in others if row["model"] == PLAIN}
-        if not pnp:
-            continue
-        lowest = min(pnp, key=lambda row: row["ratio"])
-        if "transformer_latency" in detr and "gflops_transformer" in detr:
-            worst = max(pnp, key=lambda row: _latency_per_flop(row, detr))
-            value = _latency_per_flop(worst, detr)
-            found.append(Check(f"{where}: transformer latency ratio / FLOPs ratio, worst r={worst['ratio']:g}",
-                               value, 1.15, value <= 1.15))
-        for row in pnp:
-            if row["ratio"] in plain and "latency" in row:
-                value = row["latency"].median / plain[row["ratio"]]["latency"].median
-                found.append(Check(f"{where}: latency at r={row['ratio']:g} / the plain path (970c717)",
-                                   value, 0.7, value <= 0.7))
-        if "latency" in detr and variant.startswith("DC5"):
-            value = lowest["latency"].median / detr["latency"].median
-            found.append(Check(f"{where}: whole-model latency at r={lowest['ratio']:g} / DETR", value, 0.5, value <= 0.5))
-        if "sampler_latency" in lowest:
-            value = lowest["sampler_latency"].median / lowest["transformer_latency"].median
-            found.append(Check(f"{where}: sampler / transformer latency at r={lowest['ratio']:g}",
-                               value, 0.05, value < 0.05))
-        fp32 = groups.get((variant, "fp32"))
-        if dtype == "bf16" and fp32 and "train_step" in detr:
-            value = fp32[0]["train_step"].median / detr["train_step"].median
-            found.append(Check(f"{variant} {device.type}: bf16 training step speed-up over fp32 (DETR)",
-                               value, 1.7, value >= 1.7))
-    for row in evals:
-        if row["variant"].startswith("DC5"):  # the target is set for stride 32, where the backbone dominates
-            continue
-        value = row["all_ratios"].median / row["one_ratio"].median
-        found.append(Check(f"{row['variant']} {device.type} {row['dtype']}: evaluation at {row['ratios']} / at "
-                           f"{row['ratios'][:1]}", value, 1.6, value <= 1.6))
-    return found
-
-
-def _latency_per_flop(row: dict[str, Any], detr: dict[str, Any]) -> float:
-    """How much the transformer's latency ratio to DETR exceeds its FLOPs ratio."""
-    latency = row["transformer_latency"].median / detr["transformer_latency"].median
-    return latency / (row["gflops_transformer"] / detr["gflops_transformer"])
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -455,9 +370,6 @@ def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts:
         module.to(device).eval()
     configs = [Config("DETR", detr, detr_criterion, None)]
     configs += [Config("PnP-DETR", pnp, pnp_criterion, r) for r in opts.ratios]
-    if opts.plain:
-        plain = plain_path(pnp)
-        configs += [Config(PLAIN, plain, pnp_criterion, r) for r in opts.ratios]
     flops = {}
     if "flops" in opts.parts:
         flops = {None: count_flops(detr, image[0], [None])[None], **count_flops(pnp, image[0], opts.ratios)}
@@ -485,13 +397,13 @@ def benchmark_variant(variant: str, model_flags: list[str], image: Tensor, opts:
 
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """Run the benchmark, print its tables and checks, write the JSON report and return it."""
+    """Run the benchmark, print its tables, write the JSON report and return it."""
     opts, model_flags = parse_args(argv)
     device = torch.device(opts.device)
     torch.set_num_threads(opts.threads)
     height, width = opts.size
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(opts.seed)).to(device)
-    command = "python tools/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m tools.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{command}\n{device_name(device)}, torch {torch.__version__}, input {height}x{width}\n{CONVENTION}")
     if "bf16" in opts.dtypes and slow_bf16_warning(device):
         print(slow_bf16_warning(device).replace("--amp", "bf16"))
@@ -502,21 +414,17 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rows, evaluations = benchmark_variant(variant, model_flags, image, opts, device)
         results += rows
         evals += evaluations
-        found = checks(results, evals, device)
         report = {"command": command, "device": device_name(device), "torch": torch.__version__,
                   "input": [height, width], "clock": opts.clock, "convention": CONVENTION,
-                  "results": [_plain(row) for row in results], "eval": [_plain(row) for row in evals],
-                  "checks": [asdict(check) for check in found]}
+                  "results": [json_row(row) for row in results], "eval": [json_row(row) for row in evals]}
         with open(opts.output, "w") as f:  # after every variant: a run cut short keeps what it measured
             json.dump(report, f, indent=1)
-    print("\nchecks:")
-    for check in found:
-        print(f"  {'PASS' if check.passed else 'FAIL'}  {check.name}: {check.value:.3f} (limit {check.limit})")
     print(f"\nwritten to {opts.output}")
     return report
 
 
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as JSON takes it: every ``Timing`` as a dict."""
     return {k: asdict(v) if isinstance(v, Timing) else v for k, v in row.items()}
 
 

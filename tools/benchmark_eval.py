@@ -1,7 +1,7 @@
 """COCO box evaluation time: pycocotools against the maintained evaluators, on the same inputs.
 
-    python tools/benchmark_eval.py                           # COCO val scale: 5000 images, 100 detections each
-    python tools/benchmark_eval.py --images 50 --libraries pycocotools hotcoco
+    python -m tools.benchmark_eval                           # COCO val scale: 5000 images, 100 detections each
+    python -m tools.benchmark_eval --images 50 --libraries pycocotools hotcoco
 
 A synthetic ground truth the size of COCO val2017 (``--images`` images, about 7 boxes each as
 in val2017, ~1% of them crowd, some images without objects, 80 categories with COCO's ids) and
@@ -26,11 +26,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]
-
-from benchmark import Timing, measure  # noqa: E402
-from util.errors import UserError, exit_status  # noqa: E402
+from tools.benchmark import Timing, measure
+from util.errors import UserError, exit_status
 
 # COCO's 80 category ids (1..90 with ten gaps).
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -186,7 +183,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(f"| {name} | {rows[-1]['version']} | {timing.median:.2f} [{timing.low:.2f}-{timing.high:.2f}] | "
               f"{speedup:.2f}x | {difference:.1e} |")
     print("stats (" + baseline + "): " + " ".join(f"{s:.4f}" for s in stats[baseline]))
-    report = {"command": " ".join(["python", "tools/benchmark_eval.py", *(sys.argv[1:] if argv is None else argv)]),
+    command = ["python", "-m", "tools.benchmark_eval", *(sys.argv[1:] if argv is None else argv)]
+    report = {"command": " ".join(command),
               "images": len(gt["images"]), "gt_boxes": len(gt["annotations"]), "detections": len(detections),
               "cpu_count": os.cpu_count(), "rows": rows}
     with open(opts.output, "w") as f:

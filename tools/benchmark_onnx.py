@@ -1,11 +1,11 @@
 """ONNX Runtime CPU latency against eager PyTorch, measured in one process.
 
-    python tools/benchmark_onnx.py --threads 2                 # R50 and DC5 at 800x1216, r = 0.33 and 0.8
-    python tools/benchmark_onnx.py --size 64 96 --ratios 0.5 --detr -- --backbone resnet18 --hidden_dim 32
+    python -m tools.benchmark_onnx --threads 2                 # R50 and DC5 at 800x1216, r = 0.33 and 0.8
+    python -m tools.benchmark_onnx --size 64 96 --ratios 0.5 --detr -- --backbone resnet18 --hidden_dim 32
 
 For each backbone variant, PnP-DETR at each ``--ratios`` (and with ``--detr`` DETR: the same
 weights without the sampler; ``benchmark.build_pair``, random weights) is exported as
-``tools/export_onnx.py`` exports a checkpoint (``util.onnx.export``, traced on the benchmark
+``python -m tools.export_onnx`` exports a checkpoint (``util.onnx.export``, traced on the benchmark
 image) and run on one random image (batch 1) by eager PyTorch and by ONNX Runtime's CPU
 provider, both with ``--threads`` intra-op threads, taking turns (``benchmark.measure``).
 Printed per model: median [fastest-slowest] ms of each, ONNX Runtime / eager, and the largest
@@ -16,16 +16,12 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import asdict
 from typing import Any, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmark import VARIANT_FLAGS, build_pair, device_name, measure  # noqa: E402
-from util.onnx import INPUT_NAME, export, max_differences, output_names, require, session  # noqa: E402
+from tools.benchmark import VARIANT_FLAGS, build_pair, device_name, json_row, measure
+from util.onnx import INPUT_NAME, export, max_differences, output_names, require, session
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -33,7 +29,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     argv = sys.argv[1:] if argv is None else argv
     model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser("PnP-DETR ONNX Runtime benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser("PnP-DETR ONNX Runtime benchmark",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=list(VARIANT_FLAGS))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.33, 0.8])
     p.add_argument("--detr", action="store_true", help="also DETR (no sampler)")
@@ -92,8 +89,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     torch.set_num_threads(opts.threads)
     height, width = opts.size
     image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(opts.seed))
-    command = "python tools/benchmark_onnx.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    ort = require("onnxruntime", "tools/benchmark_onnx.py")
+    command = "python -m tools.benchmark_onnx " + " ".join(sys.argv[1:] if argv is None else argv)
+    ort = require("onnxruntime", "python -m tools.benchmark_onnx")
     print(f"{command}\n{device_name(torch.device('cpu'))}, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}, input {height}x{width}")
     rows: list[dict[str, Any]] = []
@@ -105,7 +102,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             rows += found
             report = {"command": command, "device": device_name(torch.device("cpu")), "torch": torch.__version__,
                       "onnxruntime": ort.__version__, "input": [height, width],
-                      "results": [{k: asdict(v) if hasattr(v, "median") else v for k, v in row.items()} for row in rows]}
+                      "results": [json_row(row) for row in rows]}
             with open(opts.output, "w") as f:  # after every variant: a run cut short keeps what it measured
                 json.dump(report, f, indent=1)
     print(f"\nwritten to {opts.output}")

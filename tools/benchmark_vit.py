@@ -1,31 +1,28 @@
 """Compute and speed of PnP-ViT against the plain ViT, measured in one process.
 
-    python tools/benchmark_vit.py --threads 2 --json vit.json     # CPU: DeiT-S and ViT-B/16 at 224
-    python tools/benchmark_vit.py --archs demo --size 64 -- --patch_size 8    # main.py flags after --
+    python -m tools.benchmark_vit --threads 2 --output vit.json   # CPU: DeiT-S and ViT-B/16 at 224
+    python -m tools.benchmark_vit --archs demo --size 64 -- --patch_size 8    # main.py flags after --
 
 For each ``--vit_arch`` the plain ViT (``--no_pnp``) and PnP-ViT are built from the same flags
 with the same weights (random; only the sampler differs) and measured on one random image
 (batch 1) at every poll ratio: GFLOPs of the whole model (one multiply-add = one FLOP) and
 inference latency (median, fastest and slowest of ``--repeats`` runs after ``--warmup``; the
 models take turns, so a slow spell of a shared machine hits them alike). Every figure is also
-printed as a ratio to the plain ViT of the same run. The timing and the table are
-``tools/benchmark.py``'s.
+printed as a ratio to the plain ViT of the same run, and with ``--output`` written to that file
+(JSON). The timing and the table are ``tools.benchmark``'s.
 """
 import argparse
 import json
-import os
 import sys
 from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import main  # noqa: E402
-from benchmark import CLOCKS, _plain, device_name, format_rows, measure  # noqa: E402
-from models.vit import VIT_ARCHS, PnPViT, build_vit  # noqa: E402
-from util.flops import CONVENTION, count_flops  # noqa: E402
+import main
+from models.vit import VIT_ARCHS, PnPViT, build_vit
+from tools.benchmark import CLOCKS, device_name, format_rows, json_row, measure
+from util.flops import CONVENTION, count_flops
 
 ARCH_LABELS = {"deit_small": "DeiT-S", "vit_base": "ViT-B"}
 
@@ -46,9 +43,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
-                   help="wall: elapsed time; cpu: CPU time of this process (see tools/benchmark.py)")
+                   help="wall: elapsed time; cpu: CPU time of this process (see python -m tools.benchmark --help)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--output", "--json", default=None, metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv), model_flags
 
 
@@ -82,12 +79,12 @@ def benchmark_arch(arch: str, image: Tensor, opts: argparse.Namespace, model_fla
 
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    """Run the benchmark, print one table per architecture, write the JSON (``--json``) and return it."""
+    """Run the benchmark, print one table per architecture, write the JSON (``--output``) and return it."""
     opts, model_flags = parse_args(argv)
     device = torch.device(opts.device)
     torch.set_num_threads(opts.threads)
     image = torch.rand(1, 3, opts.size, opts.size, generator=torch.Generator().manual_seed(opts.seed)).to(device)
-    command = "python tools/benchmark_vit.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m tools.benchmark_vit " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{command}\n{device_name(device)}, torch {torch.__version__}, input {opts.size}x{opts.size}\n{CONVENTION}")
     results: list[dict[str, Any]] = []
     for arch in opts.archs:
@@ -98,11 +95,11 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         results += rows
     report = {"command": command, "device": device_name(device), "torch": torch.__version__,
               "input": [opts.size, opts.size], "clock": opts.clock, "convention": CONVENTION,
-              "results": [_plain(row) for row in results]}
-    if opts.json:
-        with open(opts.json, "w") as f:
+              "results": [json_row(row) for row in results]}
+    if opts.output:
+        with open(opts.output, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"\nwritten to {opts.json}")
+        print(f"\nwritten to {opts.output}")
     return report
 
 

@@ -16,7 +16,7 @@ start=$(date +%s)
 if [ ! -f "$OUT/backbone.pth" ]; then
     # batch 8, not the preset's 16: per image, the smaller batch learns more (docs/BENCHMARKS.md)
     python pretrain_backbone.py --config configs/demo.yaml --coco_path "$DATA" --batch_size 8 --steps 1800 \
-        --out "$OUT/backbone.pth"
+        --output "$OUT/backbone.pth"
     took "backbone pretraining" "$start"
 fi
 step=$(date +%s)

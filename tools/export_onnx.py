@@ -1,6 +1,6 @@
 """Export a DETR / PnP-DETR checkpoint to ONNX at one poll ratio, checked against ONNX Runtime.
 
-    python tools/export_onnx.py --checkpoint outputs/demo/checkpoint.pth --ratio 0.33 --out model.onnx
+    python -m tools.export_onnx --checkpoint outputs/demo/checkpoint.pth --ratio 0.33 --output model.onnx
     python predict.py --checkpoint model.onnx data/synthetic/val2017
 
 The model is rebuilt from the flags stored in the checkpoint (as predict.py does). The graph
@@ -18,22 +18,20 @@ from typing import Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from predict import load_model  # noqa: E402
-from util.checkpoint import plain_args  # noqa: E402
-from util.errors import UserError, exit_status  # noqa: E402
-from util.onnx import MIN_SIDE, export, max_differences, output_names, require, session  # noqa: E402
+from predict import load_model
+from util.checkpoint import plain_args
+from util.errors import UserError, exit_status
+from util.onnx import MIN_SIDE, export, max_differences, output_names, require, session
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        "tools/export_onnx.py",
+        "python -m tools.export_onnx",
         description="Export a checkpoint written by main.py to one ONNX file (dynamic image height and "
                     "width, the poll ratio fixed), then check it against eager PyTorch with ONNX Runtime "
                     "on two image sizes.")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by main.py (path or URL)")
-    p.add_argument("--out", required=True, help="the ONNX file to write")
+    p.add_argument("--output", "--out", required=True, help="the ONNX file to write (.onnx)")
     p.add_argument("--ratio", default=None, type=float,
                    help="poll ratio r in (0, 1] fixed in the graph (default: the checkpoint's "
                         "--sample_topk_ratio; a DETR checkpoint has none)")
@@ -57,8 +55,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag}: both sides must be at least {MIN_SIDE} pixels, got {size[0]} {size[1]}")
     if args.tolerance <= 0:
         raise UserError(f"--tolerance must be positive, got {args.tolerance}")
-    if not args.out.endswith(".onnx"):
-        raise UserError(f"--out: expected a file name ending in .onnx, got {args.out}")
+    if not args.output.endswith(".onnx"):
+        raise UserError(f"--output: expected a file name ending in .onnx, got {args.output}")
 
 
 def second_size(first: tuple[int, int]) -> tuple[int, int]:
@@ -69,7 +67,7 @@ def second_size(first: tuple[int, int]) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     for package in ("onnx", "onnxscript", "onnxruntime"):
-        require(package, "tools/export_onnx.py")
+        require(package, "python -m tools.export_onnx")
     model, _, trained = load_model(args.checkpoint, torch.device("cpu"))
     ratio: Optional[float] = None
     if model.uses_pnp:
@@ -81,8 +79,8 @@ def main(args: argparse.Namespace) -> None:
     second = tuple(args.check_size) if args.check_size else second_size(first)
     metadata = {"args": plain_args(trained), "sample_topk_ratio": ratio, "outputs": output_names(model),
                 "checkpoint": args.checkpoint, "traced_size": list(first), "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out + ".partial"
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output + ".partial"
     try:
         try:
             detector = export(model, ratio, partial, first, metadata)
@@ -101,10 +99,10 @@ def main(args: argparse.Namespace) -> None:
     if max(differences) > args.tolerance:
         Path(partial).unlink()
         raise UserError(f"the exported graph differs from eager PyTorch by {max(differences):.2e} (over "
-                        f"--tolerance {args.tolerance:g}); {args.out} was not written")
-    os.replace(partial, args.out)
+                        f"--tolerance {args.tolerance:g}); {args.output} was not written")
+    os.replace(partial, args.output)
     what = f"r={ratio:g}" if ratio is not None else "DETR, no sampler"
-    print(f"wrote {args.out} ({what}; input 'images' (1, 3, H, W), H and W >= {MIN_SIDE})")
+    print(f"wrote {args.output} ({what}; input 'images' (1, 3, H, W), H and W >= {MIN_SIDE})")
 
 
 def run(argv: Optional[list[str]] = None) -> int:

@@ -1,16 +1,18 @@
-"""Print the README's "All flags" tables from main.py's parser (paste them into README.md).
+"""Write the tables of main.py's flags (markdown), one per flag group, to ``--output``.
 
-    python tools/flags_table.py
+    python -m tools.flags_table --output docs/flags.md
 """
-import os
-import sys
+import argparse
+from pathlib import Path
+from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from util.flags import get_args_parser
 
-import main  # noqa: E402
+COMMAND = "python -m tools.flags_table --output docs/flags.md"
+HEADER = f"# main.py flags\n\nGenerated from main.py's parser (`util/flags.py`) by `{COMMAND}`; do not edit by hand."
 
 
-def _default(action) -> str:
+def _default(action: argparse.Action) -> str:
     value = action.default
     if action.dest == "device":
         return "cuda if available, else cpu"
@@ -26,7 +28,8 @@ def _default(action) -> str:
 
 
 def flags_markdown() -> str:
-    parser = main.get_args_parser()
+    """One markdown table per group of main.py's parser: flag, default and meaning."""
+    parser = get_args_parser()
     blocks = []
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if a.dest != "help"]
@@ -43,5 +46,20 @@ def flags_markdown() -> str:
     return "\n\n".join(blocks)
 
 
+def document() -> str:
+    """The whole file: the header, then the tables."""
+    return f"{HEADER}\n\n{flags_markdown()}\n"
+
+
+def run(argv: Optional[list[str]] = None) -> None:
+    """Write ``document()`` to ``--output``."""
+    p = argparse.ArgumentParser("python -m tools.flags_table", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default="docs/flags.md", help="the markdown file to write (default: docs/flags.md)")
+    output = Path(p.parse_args(argv).output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(document(), encoding="utf-8")
+    print(f"written to {output}")
+
+
 if __name__ == "__main__":
-    print(flags_markdown())
+    run()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: run it as it is on a machine with one CUDA GPU,
 #     bash tools/gpu_check.sh OUTDIR
-# Every step is an existing command (the gpu tests, tools/benchmark.py, main.py on a tiny
+# Every step is an existing command (the gpu tests, python -m tools.benchmark, main.py on a tiny
 # synthetic dataset) under a timeout, all of them within 8 minutes; each step's output goes to
 # OUTDIR/<step>.log, and OUTDIR/gpu_check.json and OUTDIR/gpu_check.md hold every step's exit
 # status and time, the benchmark's tables and the evaluation's rows. A step that fails does
@@ -49,8 +49,8 @@ step sync_debug 45 python -m pytest -q -p no:cacheprovider \
     tests/test_detr.py::test_cuda_forward_and_loss_synchronise_only_in_the_matcher
 step gpu_tests 60 python -m pytest -q -p no:cacheprovider -m gpu \
     --deselect tests/test_detr.py::test_cuda_forward_and_loss_synchronise_only_in_the_matcher
-step benchmark 150 python tools/benchmark.py --device cuda --variants r50 dc5 --dtypes fp32 bf16 --ratios 0.33 \
-    --train_batch 4 --plain --output "$OUT/benchmark.json"
+step benchmark 150 python -m tools.benchmark --device cuda --variants r50 dc5 --dtypes fp32 bf16 --ratios 0.33 \
+    --train_batch 4 --output "$OUT/benchmark.json"
 step dataset 20 python -m datasets.synthetic --out "$DATA" --num_train 200 --num_val 40 --seed 0
 step demo_epoch 45 "${DEMO[@]}" --epochs 1 --output_dir "$OUT/demo"
 step demo_epoch_amp 35 "${DEMO[@]}" --epochs 1 --amp --output_dir "$OUT/demo_amp"
@@ -69,7 +69,7 @@ for s in steps:  # main.py stops on a non-finite loss; the report says so too
 evaluation = out / "eval" / "eval.json"
 report = {"steps": steps, "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None}
 bench = out / "benchmark.log"
-tables = [line for line in bench.read_text().splitlines() if line.startswith(("|", "R50", "DC5", "  PASS", "  FAIL"))] \
+tables = [line for line in bench.read_text().splitlines() if line.startswith(("|", "R50", "DC5", "evaluation"))] \
     if bench.exists() else []
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
 lines = ["| step | exit | seconds | timeout | command |", "|---|---|---|---|---|"]

@@ -1,0 +1,1 @@
+"""Command-line tools, run from the repository root: ``python -m tools.NAME`` and ``bash tools/NAME.sh``."""
