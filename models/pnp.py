@@ -20,7 +20,8 @@ KPROJ_NETS = ("1layer-fc", "2layer-fc")
 class SampledTokens:
     """What the sampler hands to the transformer (``N`` = max_b N_b, ``M`` coarse tokens).
 
-    tokens: ``(B, N + M, C)``, fine tokens first (in descending score order), then coarse.
+    tokens: ``(B, N + M, C)``, fine tokens first (in descending score order), then coarse; in the
+        sampler's input space with ``retrofit`` (the values of ``x``), else LayerNorm'd and scaled.
     pos: ``(B, N + M, C)`` position embeddings of the tokens; None when the sampler got none
         (ViT tokens carry their position embedding in their features).
     key_padding_mask: ``(B, N + M)`` bool, True where a slot is padding (fine slots beyond
@@ -112,6 +113,13 @@ class PollAndPoolSampler(nn.Module):
     Because every row of ``a`` sums to one, ``v_proj`` is applied after pooling (``M`` rows
     instead of ``L``), which is the same function at a fraction of the cost.
 
+    With ``retrofit`` the token values stay in the input's space, so the sampler can sit on weights
+    trained without it (a DETR's encoder, a ViT's later blocks) and ratio 1 computes that model:
+    a fine token is ``x + x (s - stopgrad(s))``, equal to ``x`` in value with the gradient ``x``
+    with respect to ``s`` that ``x * s`` has, and a coarse token is ``sum_p a[m, p] x_p`` (no
+    ``v_proj``; the pool logits still read ``LN(x)``). Not ``+ v_proj(...)`` started at zero: that is
+    the same function until fine-tuned, for ``C x C`` more weights (not measured here: no trained DETR).
+
     Args:
         dim: channels ``C`` of the feature map or tokens.
         num_coarse: ``M``, the number of pooled tokens.
@@ -119,21 +127,23 @@ class PollAndPoolSampler(nn.Module):
         score_pred_net: ``2layer-fc-256`` (C->C->1), ``2layer-fc-16`` (C->16->1) or ``1layer-fc``.
         kproj_net: ``1layer-fc`` (C->M) or ``2layer-fc`` (C->C->M).
         pos_embed_kproj: add the position embedding to the features before ``k_proj``.
+        retrofit: keep the token values of the input (no LayerNorm, score or ``v_proj`` on them).
     """
 
     def __init__(self, dim: int, num_coarse: int, default_ratio: float = 1 / 3,
                  score_pred_net: str = "2layer-fc-256", kproj_net: str = "1layer-fc",
-                 pos_embed_kproj: bool = False):
+                 pos_embed_kproj: bool = False, retrofit: bool = False):
         super().__init__()
         if num_coarse < 1:
             raise ValueError(f"the pool needs at least one coarse token, got num_coarse={num_coarse}")
         self.default_ratio = check_ratio(default_ratio, "--sample_topk_ratio")
         self.num_coarse = num_coarse
         self.pos_embed_kproj = pos_embed_kproj
+        self.retrofit = retrofit
         self.score_pred_net = _score_pred_net(score_pred_net, dim)
         self.norm_feature = nn.LayerNorm(dim, elementwise_affine=False)
         self.k_proj = _k_proj(kproj_net, dim, num_coarse)
-        self.v_proj = nn.Linear(dim, dim)
+        self.v_proj = None if retrofit else nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
                 ratio: Optional[float] = None, num_valid: Optional[Tensor] = None) -> SampledTokens:
@@ -181,7 +191,11 @@ class PollAndPoolSampler(nn.Module):
         fine_pad = torch.arange(num_fine, device=x.device)[None] >= num_polled[:, None]
         poll_scores = scores.gather(1, poll_index)                      # (B, N)
         rows = torch.arange(batch, device=x.device)[:, None]
-        fine = features[rows, poll_index] * poll_scores[..., None]      # row copies, faster than gather
+        if self.retrofit:  # value x exactly (s - s is 0), gradient x with respect to s
+            polled_values = tokens[rows, poll_index]
+            fine = polled_values + polled_values * (poll_scores - poll_scores.detach())[..., None]
+        else:
+            fine = features[rows, poll_index] * poll_scores[..., None]  # row copies, faster than gather
         fine_pos = None if pos is None else pos[rows, poll_index]
 
         # Pool: attention of M learned queries over the positions left out of the poll.
@@ -194,7 +208,10 @@ class PollAndPoolSampler(nn.Module):
         logits = logits.masked_fill(left_out[:, None, :], torch.finfo(logits.dtype).min)
         pool_weights = logits.softmax(dim=-1)                           # (B, M, L)
         pool_weights = pool_weights.masked_fill(empty_pool[:, None, None], 0.0)
-        coarse = self.v_proj(pool_weights @ features)                   # (B, M, C)
+        if self.retrofit:
+            coarse = pool_weights @ tokens.to(pool_weights.dtype)       # (B, M, C)
+        else:
+            coarse = self.v_proj(pool_weights @ features)               # (B, M, C)
         coarse = coarse.masked_fill(empty_pool[:, None, None], 0.0)
         coarse_pos = None if pos is None else pool_weights @ pos.to(pool_weights.dtype)
         coarse_pad = empty_pool[:, None].expand(-1, self.num_coarse)

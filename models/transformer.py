@@ -234,7 +234,8 @@ def build_transformer(args: Any) -> Transformer:
         num_coarse = args.unsample_abstract_number or (30 if stride_32 else 100)
         sampler = PollAndPoolSampler(args.hidden_dim, num_coarse, default_ratio=args.sample_topk_ratio,
                                      score_pred_net=args.score_pred_net, kproj_net=args.kproj_net,
-                                     pos_embed_kproj=args.pos_embed_kproj)
+                                     pos_embed_kproj=args.pos_embed_kproj,
+                                     retrofit=getattr(args, "retrofit", False))  # False: args stored before the flag
     return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                        dropout=args.dropout, normalize_before=args.pre_norm, return_intermediate_dec=True,

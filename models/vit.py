@@ -28,7 +28,10 @@ class PnPViT(nn.Module):
 
     With a ``sampler``, the ``L`` patch tokens leaving block ``pnp_after_block`` (0: straight
     after the embedding) are polled and pooled into ``N + M`` tokens for the remaining blocks;
-    without one (``--no_pnp``) this is the plain ViT.
+    without one (``--no_pnp``) this is the plain ViT. Nothing but the sampler stands between the two
+    halves (no extra norm, no second position embedding), so with a ``retrofit`` sampler, whose tokens
+    stay in the residual stream's space, ratio 1 computes the ViT whose weights were loaded (the blocks
+    are permutation-equivariant and the head reads the class token or a mean).
 
     ``forward(images, ratio=None)`` takes ``(B, 3, H, W)`` images and returns
     ``{"logits": (B, num_classes), "sampled": SampledTokens or None}`` and, with a sampler,
@@ -154,7 +157,8 @@ def build_vit(args: Any) -> PnPViT:
         # auto M: the side of the patch grid (14 at 224 px, patch 16), a few percent of the L patches
         num_coarse = args.unsample_abstract_number or args.input_size // args.patch_size
         sampler = PollAndPoolSampler(arch.embed_dim, num_coarse, default_ratio=args.sample_topk_ratio,
-                                     score_pred_net=args.score_pred_net, kproj_net=args.kproj_net)
+                                     score_pred_net=args.score_pred_net, kproj_net=args.kproj_net,
+                                     retrofit=getattr(args, "retrofit", False))  # False: args stored before the flag
     return PnPViT(args.input_size, args.patch_size, arch.embed_dim, arch.depth, arch.num_heads,
                   args.num_classes, args.pnp_after_block, sampler, drop_path=args.drop_path,
                   global_pool=args.global_pool)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import main
 from models.detr import PostProcess, SetCriterion, build
 from models.matcher import HungarianMatcher
+from util.checkpoint import load_model_weights
 from util.errors import UserError
 from conftest import HostWaits
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
@@ -107,16 +108,20 @@ def test_sample_ratio_changes_predictions(pnp):
     assert not torch.allclose(low["pred_logits"], high["pred_logits"], atol=1e-4)
 
 
-def test_extract_features_then_predict_equals_forward(pnp):
+def test_extract_features_runs_the_backbone_once_for_every_ratio(pnp):
     model = pnp[0]
     batch = torch.stack(_images())
+    backbone_calls, transformer_calls = [], []
+    model.backbone.register_forward_hook(lambda *_: backbone_calls.append(1))
+    model.transformer.register_forward_hook(lambda *_: transformer_calls.append(1))
     with torch.no_grad():
         features = model.extract_features(batch)
         assert features.src.shape == (2, HIDDEN, 4, 4)
         assert features.pos.shape == (2, HIDDEN, 4, 4)
         assert features.mask.shape == (2, 4, 4)
         for ratio in (0.5, 0.8):
-            _assert_outputs_close(model.predict(features, ratio), model(batch, sample_ratio=ratio))
+            model.predict(features, ratio)
+    assert (len(backbone_calls), len(transformer_calls)) == (1, 2)
 
 
 # ----------------------------------------------------------------------------- variants and keys
@@ -178,7 +183,11 @@ def _sampler_keys(model):
      {"score_pred_net.weight": (1, HIDDEN, 1, 1), "score_pred_net.bias": (1,),
       "k_proj.weight": (NUM_COARSE, HIDDEN), "k_proj.bias": (NUM_COARSE,),
       "v_proj.weight": (HIDDEN, HIDDEN), "v_proj.bias": (HIDDEN,)}),
-], ids=["default", "kproj-2layer", "score-1layer"])
+    (("--retrofit",),
+     {"score_pred_net.0.weight": (HIDDEN, HIDDEN, 1, 1), "score_pred_net.0.bias": (HIDDEN,),
+      "score_pred_net.2.weight": (1, HIDDEN, 1, 1), "score_pred_net.2.bias": (1,),
+      "k_proj.weight": (NUM_COARSE, HIDDEN), "k_proj.bias": (NUM_COARSE,)}),
+], ids=["default", "kproj-2layer", "score-1layer", "retrofit"])
 def test_pnp_sampler_state_dict_keys(flags, expected):
     model, _, _ = tiny_build(*flags)
     assert _sampler_keys(model) == expected
@@ -196,6 +205,53 @@ def test_detr_checkpoint_key_layout():
     assert "transformer.decoder.layers.1.multihead_attn.out_proj.bias" in sd
     assert "transformer.decoder.norm.weight" in sd
     assert "transformer.encoder.norm.weight" not in sd
+
+
+# ----------------------------------------------------------------------------- retrofit on DETR weights
+# The tiny detector at stride 16, and DETR-R50's shape (random weights) at stride 32; each with two
+# image sizes, so that the smaller image is padded.
+RETROFIT_CONFIGS = {
+    "tiny": (["--backbone", "resnet18", "--backbone_last_stage", "3", "--hidden_dim", str(HIDDEN), "--nheads", "4",
+              "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", str(NUM_QUERIES),
+              "--unsample_abstract_number", str(NUM_COARSE)], [(64, 80), (72, 48)]),
+    "r50": (["--backbone", "resnet50"], [(128, 96), (96, 64)]),
+}
+
+
+def _detr_and_pnp_on_its_weights(config: str, *pnp_flags: str):
+    """A plain DETR (random weights, eval mode, dropout 0), a PnP-DETR built with ``pnp_flags`` that
+    loaded its state_dict, and a padded batch of two images."""
+    flags, sizes = RETROFIT_CONFIGS[config]
+    common = [*flags, "--backbone_weights", "none", "--num_classes", str(NUM_CLASSES), "--dropout", "0.0",
+              "--device", "cpu"]
+    torch.manual_seed(0)
+    detr = build(main.parse_args([*common, "--no_pnp"]))[0].eval()
+    pnp = build(main.parse_args([*common, *pnp_flags]))[0].eval()
+    load_model_weights(pnp, detr.state_dict(), "detr.pth")
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=gen) for h, w in sizes]
+    return detr, pnp, images
+
+
+@pytest.mark.parametrize("config", list(RETROFIT_CONFIGS))
+def test_retrofit_pnp_detr_on_a_detrs_weights_is_that_detr_at_ratio_one(config):
+    detr, pnp, images = _detr_and_pnp_on_its_weights(config, "--retrofit")
+    with torch.no_grad():
+        expected, out = detr(images), pnp(images, sample_ratio=1.0)
+    num_polled = out["sampled"].num_polled.tolist()
+    assert num_polled[0] != num_polled[1], "the batch must hold padding"
+    _assert_outputs_close(out, expected)
+    assert len(out["aux_outputs"]) == len(expected["aux_outputs"]) > 0
+    for aux, aux_expected in zip(out["aux_outputs"], expected["aux_outputs"]):
+        _assert_outputs_close(aux, aux_expected)
+
+
+def test_papers_sampler_on_a_detrs_weights_is_not_that_detr_at_ratio_one():
+    # Control for the test above: without --retrofit the loaded encoder reads other inputs.
+    detr, pnp, images = _detr_and_pnp_on_its_weights("tiny")
+    with torch.no_grad():
+        expected, out = detr(images), pnp(images, sample_ratio=1.0)
+    assert not torch.allclose(out["pred_logits"], expected["pred_logits"], atol=1e-3)
 
 
 def test_build_rejects_a_missing_class_count():
@@ -373,13 +429,15 @@ def test_sample_reg_loss_passes_through(pnp):
     assert criterion.weight_dict["sample_reg_loss"] == pytest.approx(1e-4)
 
 
-def test_gradients_reach_the_score_network_through_the_detection_loss():
-    model, criterion, _ = tiny_build(seed=1)
+@pytest.mark.parametrize("flags", [(), ("--retrofit",)])
+def test_gradients_reach_the_score_network_through_the_detection_loss(flags):
+    model, criterion, _ = tiny_build(*flags, seed=1)
     model.train()
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])},
                {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.6, 0.5, 0.4, 0.3]])}]
     losses = criterion(model(torch.stack(_images()), sample_ratio=0.5), targets)
-    # Leave sample_reg_loss out: the gradient must come through the fine tokens (LN(x) * score).
+    # Leave sample_reg_loss out: the gradient must come through the fine tokens (LN(x) * score, or with
+    # --retrofit x + x * (score - detached score)).
     total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k != "sample_reg_loss")
     total.backward()
     for name in ("score_pred_net.0.weight", "score_pred_net.2.weight"):

@@ -305,3 +305,75 @@ def test_pos_embed_kproj_without_pos_is_refused():
     sampler = PollAndPoolSampler(8, num_coarse=2, pos_embed_kproj=True)
     with pytest.raises(ValueError, match="pos_embed_kproj"):
         sampler(torch.randn(1, 10, 8), ratio=0.5)
+
+
+# ----------------------------------------------------------------------------- retrofit
+def _retrofit_and_paper_samplers() -> tuple[PollAndPoolSampler, PollAndPoolSampler]:
+    """A retrofit sampler and a paper sampler sharing the score net and ``k_proj``."""
+    torch.manual_seed(0)
+    paper = PollAndPoolSampler(dim=8, num_coarse=3)
+    retrofit = PollAndPoolSampler(dim=8, num_coarse=3, retrofit=True)
+    retrofit.load_state_dict({k: v for k, v in paper.state_dict().items() if not k.startswith("v_proj.")})
+    return retrofit, paper
+
+
+def _padded_map(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x and pos ``(2, 8, 3, 4)``; image 1 pads its last two columns."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[1, :, 2:] = True
+    return torch.randn(2, 8, 3, 4, generator=gen), mask, torch.randn(2, 8, 3, 4, generator=gen)
+
+
+def test_retrofit_has_no_v_proj():
+    assert not any(k.startswith("v_proj.") for k in PollAndPoolSampler(8, 3, retrofit=True).state_dict())
+
+
+def test_retrofit_fine_tokens_are_the_polled_inputs_unchanged():
+    retrofit, _ = _retrofit_and_paper_samplers()
+    x, mask, pos = _padded_map()
+    out = retrofit(x, mask, pos, ratio=0.5)
+    tokens = x.flatten(2).transpose(1, 2)
+    for b in range(2):
+        polled = out.poll_index[b, : out.num_polled[b]]
+        assert torch.equal(out.tokens[b, : len(polled)], tokens[b, polled])
+
+
+def test_retrofit_fine_tokens_give_the_score_net_the_gradient_of_x_times_score():
+    retrofit, _ = _retrofit_and_paper_samplers()
+    x, mask, pos = _padded_map()
+    weight = retrofit.score_pred_net[0].weight
+    out = retrofit(x, mask, pos, ratio=0.5)
+    fine = out.tokens[:, : out.num_fine]
+    upstream = torch.randn(fine.shape, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((fine * upstream).sum(), weight)
+    out = retrofit(x, mask, pos, ratio=0.5)
+    rows = torch.arange(2)[:, None]
+    x_times_score = x.flatten(2).transpose(1, 2)[rows, out.poll_index] * out.scores.gather(1, out.poll_index)[..., None]
+    (expected,) = torch.autograd.grad((x_times_score * upstream).sum(), weight)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected)
+
+
+def test_retrofit_coarse_tokens_are_pool_weighted_inputs_of_the_papers_pool():
+    retrofit, paper = _retrofit_and_paper_samplers()
+    x, mask, pos = _padded_map()
+    out, reference = retrofit(x, mask, pos, ratio=0.5), paper(x, mask, pos, ratio=0.5)
+    n = out.num_fine
+    assert torch.equal(out.poll_index, reference.poll_index)
+    torch.testing.assert_close(out.pool_weights, reference.pool_weights)
+    torch.testing.assert_close(out.tokens[:, n:], out.pool_weights @ x.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out.pos, reference.pos)
+
+
+def test_retrofit_ratio_one_masks_the_empty_pool_without_nan():
+    retrofit, _ = _retrofit_and_paper_samplers()
+    x, mask, pos = _padded_map()
+    x.requires_grad_(True)
+    out = retrofit(x, mask, pos, ratio=1.0)
+    assert out.num_polled.tolist() == [12, 6]
+    assert out.key_padding_mask[:, 12:].all() and not out.tokens[:, 12:].any()
+    assert torch.isfinite(out.tokens).all() and torch.isfinite(out.pos).all()
+    out.tokens.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in retrofit.parameters() if p.grad is not None)

@@ -161,6 +161,21 @@ def test_forward_never_waits_for_the_device():
     assert out["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)
 
 
+def test_retrofit_pnp_on_a_plain_panoptic_models_weights_is_that_model_at_ratio_one():
+    """Every valid position is polled at r = 1, so the memory grid is the plain encoder's memory."""
+    torch.manual_seed(0)
+    plain = build(tiny_args("--no_pnp", "--dropout", "0.0"))[0].eval()
+    pnp = build(tiny_args("--retrofit", "--dropout", "0.0"))[0].eval()
+    fresh = pnp.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert all(k.startswith(("detr.transformer.sampler.", "grid_memory.")) for k in fresh)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 80, generator=gen), torch.rand(3, 72, 48, generator=gen)]  # one padded
+    with torch.no_grad():
+        expected, out = plain(images), pnp(images, 1.0)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(out[key], expected[key], atol=1e-5, rtol=1e-5)
+
+
 def test_backbone_ending_at_stage_2_gives_a_two_level_mask_head():
     torch.manual_seed(0)
     model = build(tiny_args("--backbone_last_stage", "2"))[0].eval()

@@ -6,7 +6,8 @@ from torch import nn
 
 from models.pnp import PollAndPoolSampler
 from models.transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
-                                TransformerEncoderLayer)
+                                TransformerEncoderLayer, build_transformer)
+from util.flags import parse_args
 
 
 D, HEADS, FFN = 16, 4, 32
@@ -297,3 +298,10 @@ def test_valid_positions_do_influence_output():
         hs2 = model(src2, mask, query, pos)[0]
     assert not torch.allclose(hs2[:, 0], hs[:, 0], atol=1e-3)
     torch.testing.assert_close(hs2[:, 1], hs[:, 1], atol=ATOL, rtol=ATOL)  # image 1 is independent
+
+
+def test_build_transformer_takes_retrofit_from_the_flags_and_the_papers_sampler_without_it():
+    assert build_transformer(parse_args(["--retrofit"])).sampler.retrofit
+    stored_before_the_flag = parse_args([])
+    del stored_before_the_flag.retrofit
+    assert not build_transformer(stored_before_the_flag).sampler.retrofit

@@ -67,19 +67,26 @@ def test_ratio_one_drops_the_empty_pool_without_nan(model):
     assert torch.isfinite(images.grad).all()
 
 
-def test_gradients_reach_the_score_net(model):
-    model.train()
+@pytest.mark.parametrize("retrofit", [False, True])
+def test_gradients_reach_the_score_net(retrofit):
+    torch.manual_seed(0)
+    model = build_vit(vit_flags(retrofit=retrofit)).train()
     out = model(torch.rand(2, 3, 32, 32), 0.5)
     ClassificationCriterion({"loss_ce": 1.0})(out, torch.tensor([0, 3]))["loss_ce"].backward()
     for p in model.sampler.score_pred_net.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_predict_shares_the_blocks_before_the_sampler(model):
-    images = torch.rand(2, 3, 32, 32)
-    features = model.extract_features(images)
-    for ratio in (1 / 3, 0.8):
-        assert torch.allclose(model.predict(features, ratio)["logits"], model(images, ratio)["logits"])
+def test_blocks_before_the_sampler_run_in_extract_features_only(model):
+    calls = []
+    for index, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda *_, index=index: calls.append(index))
+    features = model.extract_features(torch.rand(2, 3, 32, 32))
+    assert calls == list(range(model.pnp_after_block))
+    calls.clear()
+    for ratio in (1 / 3, 0.8):  # each ratio runs only the blocks after the sampler, on the shared features
+        model.predict(features, ratio)
+    assert calls == 2 * list(range(model.pnp_after_block, len(model.blocks)))
 
 
 def test_no_pnp_builds_the_plain_vit():
@@ -107,6 +114,28 @@ def test_timm_state_dict_loads_strictly_and_computes_the_same():
     load_vit_weights(plain, reference.state_dict(), "deit_tiny.pth")
     with torch.no_grad():
         assert torch.allclose(plain(images)["logits"], reference(images), atol=1e-5)
+
+
+def test_retrofit_pnp_vit_on_a_timm_deit_is_that_deit_at_ratio_one():
+    """DeiT-Tiny's shape at 96 px (36 patches); the sampler after block 4 polls every patch at r = 1."""
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=96).eval()
+    flags = vit_flags(vit_arch="deit_tiny", input_size=96, patch_size=16, num_classes=10, pnp_after_block=4,
+                      retrofit=True)
+    model = build_vit(flags).eval()
+    load_vit_weights(model, reference.state_dict(), "deit_tiny.pth")
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        out = model(images, 1.0)
+        expected = reference(images)
+    assert not torch.equal(out["sampled"].poll_index, torch.arange(36).expand(2, -1)), "the poll must permute"
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flags_stored_before_retrofit_build_the_papers_sampler():
+    assert not hasattr(vit_flags(), "retrofit")
+    assert not build_vit(vit_flags()).sampler.retrofit
+    assert build_vit(vit_flags(retrofit=True)).sampler.retrofit
 
 
 def test_foreign_keys_head_and_grid_of_a_timm_state_dict():

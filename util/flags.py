@@ -86,6 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="pool key projection: C->M or C->C->M")
     g.add_argument("--pos_embed_kproj", action="store_true", help="add position embeddings before k_proj (detection)")
     g.add_argument("--sample_reg_loss", default=1e-4, type=float, help="weight of the sampler's score regulariser")
+    g.add_argument("--retrofit", action="store_true",
+                   help="the sampler passes token values through unchanged, so PnP built on a DETR or ViT "
+                        "checkpoint computes that model at r = 1 (default: the paper's sampler)")
     g = p.add_argument_group("classification (--task classification: ViT / PnP-ViT; defaults: DeiT's recipe)")
     g.add_argument("--data_path", default=None, help="ImageFolder root with train/<class>/... and val/<class>/...")
     g.add_argument("--vit_arch", default="deit_small", choices=list(VIT_ARCHS),
