@@ -51,7 +51,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     amp: bool = False, print_freq: int = 10,
                     rng: Optional[random.Random] = None,
                     batch_transform: Optional[BatchTransform] = None,
-                    before_step: Optional[Callable[[int], None]] = None) -> dict[str, float]:
+                    before_step: Optional[Callable[[int], None]] = None,
+                    upper_prob: float = 0.0) -> dict[str, float]:
     """Train for one pass over ``data_loader``; returns the epoch averages of the logged values
     and ``images_per_s``, this process's training speed over the epoch (data loading included).
 
@@ -59,8 +60,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     classification images ``(B, 3, H, W)`` and labels ``(B,)`` (then ``batch_transform``, e.g.
     timm's ``Mixup``, may mix them). ``criterion(outputs, targets)`` returns the loss terms, among
     them ``class_error``, and its ``weight_dict`` says how they enter the loss.
-    With ``ratio_bounds = (lower, upper)`` every iteration draws its poll ratio from
-    ``Uniform(lower, upper)`` with ``rng`` (each process has its own draws).
+    With ``ratio_bounds = (lower, upper)`` every iteration draws its poll ratio with ``rng``
+    (each process has its own draws): ``upper`` itself with probability ``upper_prob``, else
+    ``Uniform(lower, upper)`` (``draw_ratio``).
     ``before_step(step)``, if given, runs before each optimiser step ``step`` of the epoch (a
     per-iteration lr schedule).
     """
@@ -76,7 +78,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         targets = _to_device(targets, device)
         if batch_transform is not None:
             samples, targets = batch_transform(samples, targets)
-        ratio = rng.uniform(*ratio_bounds) if ratio_bounds is not None else None
+        ratio = draw_ratio(rng, *ratio_bounds, upper_prob) if ratio_bounds is not None else None
         with _autocast(device, amp):
             outputs = model(samples, ratio)
         loss_dict = criterion(outputs, targets)
@@ -104,6 +106,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             logger.update(ratio=ratio)
     logger.synchronize_between_processes()
     return {**{k: meter.global_avg for k, meter in logger.meters.items()}, "images_per_s": logger.images_per_s}
+
+
+def draw_ratio(rng: random.Random, lower: float, upper: float, upper_prob: float = 0.0) -> float:
+    """One training iteration's poll ratio: ``upper`` with probability ``upper_prob`` (so that
+    ``upper = 1``, the empty pool, is trained at all: a uniform draw never gives it), else
+    ``Uniform(lower, upper)``, the paper's draw. With ``upper_prob = 0`` it takes one number
+    from ``rng``, as the paper's draw alone does."""
+    if upper_prob > 0 and rng.random() < upper_prob:
+        return upper
+    return rng.uniform(lower, upper)
 
 
 def ratio_key(ratio: Optional[float]) -> str:

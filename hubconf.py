@@ -1,4 +1,5 @@
-"""torch.hub entry points: ``torch.hub.load(repo_dir, 'pnp_detr_resnet50', source='local')``.
+"""torch.hub entry points: ``torch.hub.load(repo_dir, 'pnp_detr_resnet50', source='local')``, and
+the ViT / PnP-ViT ones (``pnp_vit_deit_small``, ...), which also need timm.
 
 Building a model imports torch, torchvision and scipy (the matcher) only: no dataset or
 evaluation package. Every entry point builds the published architecture for COCO (91 classes + no-object; the
@@ -75,6 +76,43 @@ pnp_detr_resnet50_panoptic = _panoptic_entry(["--backbone", "resnet50"],
                                              "PnP-DETR R50 panoptic: the encoder memory is put back on the grid "
                                              "(GridMemory) for DETR's mask head.")
 
+
+
+def _vit_entry(flags: list[str], doc: str):
+    def entry(pretrained: bool = False, num_classes: int = 1000, checkpoint_url: Optional[str] = None,
+              retrofit: bool = True) -> nn.Module:
+        # timm is imported here only: the detector entries need none
+        from models.vit import load_vit_weights, vit_state_dict
+
+        pnp = "--no_pnp" not in flags
+        args = parse_args(["--task", "classification", "--num_classes", str(num_classes), "--device", "cpu"]
+                          + flags + (["--retrofit"] if pnp and retrofit else []))
+        model, _, _ = build_model(args)
+        if pretrained:
+            for note in load_vit_weights(model, vit_state_dict("timm", args.vit_arch), "timm's published weights"):
+                print(note)
+        if checkpoint_url:
+            checkpoint = read_checkpoint(checkpoint_url)
+            for note in load_model_weights(model, checkpoint["model"], checkpoint_url, head_prefix="head.",
+                                           sampler_prefix="sampler."):
+                print(note)
+        return fast_path(model)
+
+    entry.__doc__ = doc + (" ``pretrained=True`` loads timm's published ImageNet weights (downloaded; the "
+                           "sampler starts fresh), ``checkpoint_url`` a main.py checkpoint. With ``retrofit`` "
+                           "(the default) the sampler passes tokens on unchanged: at r = 1 the model computes "
+                           "the ViT it was built on. Images: 224 px, normalised as input_config says.")
+    return entry
+
+
+vit_deit_tiny = _vit_entry(["--no_pnp", "--vit_arch", "deit_tiny"], "DeiT-Tiny (timm's ViT).")
+vit_deit_small = _vit_entry(["--no_pnp", "--vit_arch", "deit_small"], "DeiT-Small (timm's ViT).")
+vit_base = _vit_entry(["--no_pnp", "--vit_arch", "vit_base"], "ViT-B/16 (timm's augreg weights).")
+pnp_vit_deit_tiny = _vit_entry(["--vit_arch", "deit_tiny"], "PnP-ViT on DeiT-Tiny, the sampler after block 2.")
+pnp_vit_deit_small = _vit_entry(["--vit_arch", "deit_small"], "PnP-ViT on DeiT-Small, the sampler after block 2.")
+pnp_vit_base = _vit_entry(["--vit_arch", "vit_base"], "PnP-ViT on ViT-B/16, the sampler after block 2.")
+
 __all__ = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "pnp_detr_resnet50",
            "pnp_detr_resnet50_dc5", "pnp_detr_resnet101", "detr_resnet50_panoptic", "detr_resnet50_dc5_panoptic",
-           "detr_resnet101_panoptic", "pnp_detr_resnet50_panoptic"]
+           "detr_resnet101_panoptic", "pnp_detr_resnet50_panoptic", "vit_deit_tiny", "vit_deit_small", "vit_base",
+           "pnp_vit_deit_tiny", "pnp_vit_deit_small", "pnp_vit_base"]

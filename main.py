@@ -41,6 +41,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--sample_ratio_lower_bound/--sample_ratio_higher_bound must lie in (0, 1], got {lower} and {upper}")
     if lower > upper:
         raise UserError(f"--sample_ratio_lower_bound {lower} is above --sample_ratio_higher_bound {upper}")
+    if not 0 <= args.sample_ratio_upper_prob <= 1:
+        raise UserError(f"--sample_ratio_upper_prob must lie in [0, 1], got {args.sample_ratio_upper_prob}")
     if not 0 < args.sample_topk_ratio <= 1:
         raise UserError(f"--sample_topk_ratio must lie in (0, 1], got {args.sample_topk_ratio}")
     for r in args.eval_ratios or []:
@@ -48,6 +50,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--eval_ratios: every ratio must lie in (0, 1], got {r}")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.lr_base_batch < 0:
+        raise UserError(f"--lr_base_batch must be 0 (off) or a batch size, got {args.lr_base_batch}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.flops_images < 0:
@@ -58,6 +62,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--channels_last and --no_channels_last contradict each other: give one")
     if args.tensorboard and not args.eval and not args.output_dir:
         raise UserError("--tensorboard logs to output_dir/tensorboard: give --output_dir")
+    if args.retrofit and args.no_pnp:
+        raise UserError("--retrofit sets how the sampler passes tokens on; --no_pnp builds no sampler: give one")
     if args.finetune and args.resume:
         raise UserError("--finetune starts a new run from a checkpoint's weights; --resume continues one: give one")
     check_task_flags(get_task(args.task), args)
@@ -145,16 +151,27 @@ def build_loaders(args: argparse.Namespace, dataset_train: Optional[Dataset], da
     return loader_train, loader_val
 
 
+def lr_scale(args: argparse.Namespace) -> float:
+    """The factor ``--lr_base_batch`` applies to the lrs: the run's total batch over it (1 when 0)."""
+    if args.lr_base_batch <= 0:
+        return 1.0
+    return args.batch_size * utils.get_world_size() / args.lr_base_batch
+
+
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module,
                     steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the task's parameter groups, and the lr schedule of ``--lr_schedule`` (cosine:
-    updated every iteration).
+    """AdamW over the task's parameter groups at their lrs (scaled by ``lr_scale``), and the lr
+    schedule of ``--lr_schedule`` (cosine: updated every iteration).
 
     AdamW is torch's fused one: one kernel over all parameters (fewer, larger operations than its
     default), the same update up to float rounding.
     """
     param_groups = get_task(args.task).param_groups(args, model)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    scale = lr_scale(args)
+    for group in param_groups:
+        if "lr" in group:
+            group["lr"] *= scale
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr * scale, weight_decay=args.weight_decay, fused=True)
     if args.lr_schedule == "cosine":
         return optimizer, CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr,
                                             warmup_t=args.warmup_epochs * steps_per_epoch,
@@ -189,6 +206,7 @@ def load_finetune_weights(task: Task, model: torch.nn.Module, source: str) -> li
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     task = get_task(args.task)
+    task.complete_args(args)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
     warning = utils.slow_bf16_warning(device) if args.amp else None
@@ -249,8 +267,6 @@ def main(args: argparse.Namespace) -> None:
     pnp = model_without_ddp.uses_pnp
     if args.eval:
         ratios = (args.eval_ratios or [args.sample_topk_ratio]) if pnp else [None]
-        if not resume and not args.finetune:
-            print("warning: evaluating a model with untrained weights (no --resume, --finetune or checkpoint in --output_dir)")
         baseline = read_baseline(args.baseline_eval, task.metric) if args.baseline_eval else None
         _, rows = run_evaluation(task, args, model_without_ddp, criterion, postprocessors, loader_val, device, ratios)
         if utils.is_main_process():
@@ -281,7 +297,7 @@ def main(args: argparse.Namespace) -> None:
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
                                           args.clip_max_norm, ratio_bounds, args.amp, args.print_freq,
                                           rng=random.Random(epoch_seed(args, epoch)), batch_transform=mix,
-                                          before_step=before_step)
+                                          before_step=before_step, upper_prob=args.sample_ratio_upper_prob)
         except NonFiniteLossError as err:
             kept = output_dir / "checkpoint.pth" if output_dir is not None else None
             where = f"; the last good checkpoint is {kept}" if kept is not None and kept.exists() else ""

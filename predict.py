@@ -3,7 +3,7 @@ draw the boxes or the class, and where the poll looked.
 
     python predict.py --checkpoint outputs/demo/checkpoint.pth data/synthetic/val2017 \\
         --output predictions.json --draw outputs/demo/pictures --show_poll
-    python predict.py --checkpoint model.onnx data/synthetic/val2017    # written by tools/export_onnx.py
+    python predict.py --checkpoint model.onnx data/synthetic/val2017    # written by python -m tools.export_onnx
     python predict.py --checkpoint outputs/vit_demo/checkpoint.pth data/synthetic_cls/val/ring \\
         --draw outputs/vit_demo/pictures --show_poll --draw_scale 4
 """
@@ -40,8 +40,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "sampler); images go through the evaluation transform (detection: shorter side "
                     "--eval_size of the checkpoint; classification: resize and centre crop to its --input_size).",
         epilog="Category names come from --categories, else from the annotation json of the checkpoint's "
-               "training data (--coco_path, or --coco_panoptic_path for coco_panoptic; val2017, then "
-               "train2017) when that file exists, else 'class_<id>'; for classification, from the class "
+               "training data (its --val_annotations, then --train_annotations, then those under --coco_path, "
+               "or --coco_panoptic_path for coco_panoptic: val2017, then train2017) when that file exists, else "
+               "'class_<id>'; for classification, from the class "
                "folders of its --data_path (train, then val) when they are as many as its classes. The JSON "
                "holds one entry per image: file, width, height and its detections (category_id, category, "
                f"score, bbox; {BOX_FORMAT}), or for classification its {TOP_CLASSES} most probable classes "
@@ -49,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files and folders (a folder: its image files, not recursive)")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint written by main.py (path or URL), or a .onnx file written by "
-                        "tools/export_onnx.py (run by ONNX Runtime on the CPU, one image at a time, at the "
+                        "python -m tools.export_onnx (run by ONNX Runtime on the CPU, one image at a time, at the "
                         "ratio fixed at export)")
     p.add_argument("--threshold", default=0.5, type=float,
                    help="keep detections whose class score is above this (default: 0.5; detection only)")
@@ -147,7 +148,7 @@ def check_onnx_args(args: argparse.Namespace, detector: OnnxDetector) -> None:
                         "draw the poll from the checkpoint")
     if args.sample_topk_ratio is not None and args.sample_topk_ratio != detector.ratio:
         raise UserError(f"--sample_topk_ratio {args.sample_topk_ratio}: {args.checkpoint} was exported at "
-                        f"r={detector.ratio}; export it again with tools/export_onnx.py --ratio {args.sample_topk_ratio}")
+                        f"r={detector.ratio}; export it again with python -m tools.export_onnx --ratio {args.sample_topk_ratio}")
 
 
 def load_model(path: str, device: torch.device) -> tuple[nn.Module, Optional[nn.Module], argparse.Namespace]:

@@ -4,8 +4,9 @@
 the position of the folder name in sorted order (torchvision's ``ImageFolder``), the same in both
 splits. The transforms are timm's ``create_transform``, as in DeiT: for training a random resized
 crop, horizontal flip, RandAugment (``--aa``), colour jitter and random erasing (``--reprob``); for
-evaluation a resize to ``input_size / crop_pct`` and a centre crop. Bad folders and images raise a
-one-line ``UserError`` naming them.
+evaluation a resize to ``input_size / crop_pct`` and a centre crop. Both normalise with the mean
+and std the weights were trained with (``input_config``). Bad folders and images raise a one-line
+``UserError`` naming them.
 """
 import os
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch import Tensor
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -55,15 +56,39 @@ class ClassificationFolder(ImageFolder):
         return len(self.classes)
 
 
+def input_config(args: Any) -> dict[str, Any]:
+    """``mean``, ``std`` and ``crop_pct`` of the model's input: ``--input_mean``, ``--input_std`` and
+    ``--crop_pct`` where given, else those of timm's config of the weights ``--vit_weights timm``
+    loads (ViT-B's augreg weights: mean and std 0.5, crop 0.9), else DeiT's (the ImageNet mean and
+    std, timm's default crop 0.875). No download: timm's configs ship with it."""
+    config = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": DEFAULT_CROP_PCT}
+    if getattr(args, "vit_weights", "none") == "timm":
+        from timm.models import get_pretrained_cfg
+
+        from models.vit_archs import VIT_ARCHS
+
+        name = VIT_ARCHS[args.vit_arch].timm_weights
+        pretrained = get_pretrained_cfg(name) if name else None
+        if pretrained is not None:
+            config = {"mean": pretrained.mean, "std": pretrained.std, "crop_pct": pretrained.crop_pct}
+    given = {"mean": getattr(args, "input_mean", None), "std": getattr(args, "input_std", None),
+             "crop_pct": getattr(args, "crop_pct", None)}
+    config.update({key: value for key, value in given.items() if value is not None})
+    return {"mean": tuple(config["mean"]), "std": tuple(config["std"]), "crop_pct": float(config["crop_pct"])}
+
+
 def build_transform(is_training: bool, args: Any) -> Callable:
     """timm's transform of a split: ``args.input_size``, ``aa`` (a RandAugment policy such as
     ``rand-m9-mstd0.5-inc1``; None or "none": off), ``reprob``, ``color_jitter`` (0: off),
     ``train_interpolation`` and, where the flags define it, ``scale`` (the random crop's area
     range, timm's name; default timm's 0.08 to 1); random erasing in DeiT's pixel mode.
-    Evaluation resizes bicubic. Both normalise with the ImageNet mean and std."""
-    normalisation = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    Evaluation resizes bicubic to ``input_size / crop_pct`` and crops the centre. Both normalise
+    with ``input_config``'s mean and std."""
+    config = input_config(args)
+    normalisation = {"mean": config["mean"], "std": config["std"]}
     if not is_training:
-        return create_transform(args.input_size, is_training=False, interpolation="bicubic", **normalisation)
+        return create_transform(args.input_size, is_training=False, interpolation="bicubic",
+                                crop_pct=config["crop_pct"], **normalisation)
     if args.train_interpolation not in INTERPOLATIONS:
         raise UserError(f"--train_interpolation: expected one of {', '.join(INTERPOLATIONS)}, "
                         f"got {args.train_interpolation!r}")
@@ -83,11 +108,12 @@ def build_transform(is_training: bool, args: Any) -> Callable:
                         "rand-m9-mstd0.5-inc1, or none") from None
 
 
-def input_image(tensor: Tensor) -> Image.Image:
-    """A transformed ``(3, H, W)`` image back as an RGB image (the normalisation undone): what the
-    model sees."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+def input_image(tensor: Tensor, args: Any) -> Image.Image:
+    """A transformed ``(3, H, W)`` image back as an RGB image (``args``' normalisation undone):
+    what the model sees."""
+    config = input_config(args)
+    mean = torch.tensor(config["mean"])[:, None, None]
+    std = torch.tensor(config["std"])[:, None, None]
     return to_pil_image((tensor.float().cpu() * std + mean).clamp(0, 1))
 
 

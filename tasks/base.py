@@ -52,6 +52,10 @@ class Task(ABC):
     def check_args(self, args: argparse.Namespace) -> None:
         """Reject flags this task cannot follow with a one-line ``UserError`` naming them."""
 
+    def complete_args(self, args: argparse.Namespace) -> None:
+        """Fill in (in place) the flags whose value other flags decide, before anything is built,
+        so that checkpoints store them."""
+
     @abstractmethod
     def build_dataset(self, split: str, args: argparse.Namespace) -> Dataset:
         """The ``train`` or ``val`` split; it has ``num_classes``."""
@@ -135,3 +139,7 @@ def read_category_names(categories_file: str) -> dict[int, str]:
             isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str) for c in entries):
         raise UserError(f"{categories_file}: expected a list 'categories' of objects with an int 'id' and a str 'name'")
     return {c["id"]: c["name"] for c in entries}
+
+
+UNTRAINED_WARNING = ("warning: evaluating a model with untrained weights (no --resume, --finetune or checkpoint in "
+                     "--output_dir)")

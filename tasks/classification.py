@@ -12,12 +12,13 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from datasets.classification import build_classification_dataset, build_transform, class_folders, input_image
+from datasets.classification import (build_classification_dataset, build_transform, class_folders, input_config,
+                                     input_image)
 from datasets.coco import read_image
 from engine import BatchTransform, evaluate_classification, ratio_key
 from models import build_model
 from models.vit import load_vit_weights, vit_state_dict
-from tasks.base import Prediction, Task, read_category_names
+from tasks.base import UNTRAINED_WARNING, Prediction, Task, read_category_names
 from util.draw import PollGrid, draw_detections, poll_maps
 from util.errors import UserError
 from util.misc import get_rank, get_world_size
@@ -36,7 +37,7 @@ class ClassificationTask(Task):
     own_flags = (
         "data_path", "vit_arch", "patch_size", "input_size", "pnp_after_block", "vit_weights", "drop_path",
         "global_pool", "smoothing", "mixup", "cutmix", "aa", "reprob", "color_jitter", "train_interpolation",
-        "scale", "repeated_aug",
+        "scale", "repeated_aug", "input_mean", "input_std", "crop_pct",
     )
     head_prefix = "head."
     sampler_prefix = "sampler."
@@ -47,13 +48,23 @@ class ClassificationTask(Task):
         if not args.eval and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
             raise UserError(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
 
+    def complete_args(self, args: argparse.Namespace) -> None:
+        """The input's mean, std and crop from the weights (``input_config``), so that checkpoints
+        and predict.py keep them."""
+        config = input_config(args)
+        args.input_mean, args.input_std, args.crop_pct = list(config["mean"]), list(config["std"]), config["crop_pct"]
+
     def build_dataset(self, split: str, args: argparse.Namespace) -> Dataset:
         return build_classification_dataset(split, args)
 
     def train_sampler(self, args: argparse.Namespace, dataset: Dataset) -> Sampler:
-        """With ``--repeated_aug``, timm's ``RepeatAugSampler`` (each image 3 times, in different processes)."""
-        if args.repeated_aug:
+        """With ``--repeated_aug`` over several processes, timm's ``RepeatAugSampler`` (each image 3
+        times per epoch, in different processes, as DeiT). In one process it would only show a
+        third of the images per epoch: the plain sampler is used, with a one-line warning."""
+        if args.repeated_aug and get_world_size() > 1:
             return RepeatAugSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
+        if args.repeated_aug:
+            print("warning: --repeated_aug repeats each image across processes; one process trains without it")
         return super().train_sampler(args, dataset)
 
     def build_model(self, args: argparse.Namespace, dataset_val: Dataset
@@ -65,9 +76,10 @@ class ClassificationTask(Task):
         return param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=("pos_embed", "cls_token"))
 
     def load_initial_weights(self, args: argparse.Namespace, model: nn.Module) -> list[str]:
-        """``--vit_weights`` for training (the sampler starts fresh)."""
-        if args.eval or args.vit_weights == "none":
-            return []
+        """``--vit_weights`` (the sampler starts fresh), for training and for evaluation: with
+        ``--eval`` the published model is evaluated as it is (with ``--no_pnp``: the baseline)."""
+        if args.vit_weights == "none":
+            return [UNTRAINED_WARNING] if args.eval else []
         state_dict = vit_state_dict(args.vit_weights, args.vit_arch)
         return load_vit_weights(model, state_dict, f"--vit_weights {args.vit_weights}")
 
@@ -150,7 +162,7 @@ def classify(model: nn.Module, paths: list[Path], trained: argparse.Namespace, r
             grids = [PollGrid(polled=p.view(side, side), pool_mass=m.view(side, side), cell=(patch, patch))
                      for p, m in zip(polled, mass)]
         for path, image, tensor, probs, grid in zip(chunk, images, inputs.cpu(), probabilities, grids):
-            yield path, image, input_image(tensor), probs, grid
+            yield path, image, input_image(tensor, trained), probs, grid
 
 
 def top_classes(probabilities: torch.Tensor, names: dict[int, str]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from models.backbone import load_backbone_weights
 from models.detr import ImageFeatures
 from models.pnp import SampledTokens
 from models.segmentation import PostProcessPanoptic, load_frozen_detector
-from tasks.base import Prediction, Task, read_category_names
+from tasks.base import UNTRAINED_WARNING, Prediction, Task, read_category_names
 from util.checkpoint import SAMPLER_PREFIX
 from util.draw import PollGrid, draw_detections, poll_maps
 from util.errors import UserError
@@ -80,10 +80,13 @@ class DetectionTask(Task):
         ]
 
     def load_initial_weights(self, args: argparse.Namespace, model: nn.Module) -> list[str]:
-        """``--frozen_weights`` (the detector under a mask head), else ``--backbone_weights`` for training."""
+        """``--frozen_weights`` (the detector under a mask head), else ``--backbone_weights`` for
+        training; evaluation without either evaluates untrained weights, and says so."""
         if args.frozen_weights is not None:
             load_frozen_detector(model, args.frozen_weights)
-        elif not args.eval:
+        elif args.eval:
+            return [UNTRAINED_WARNING]
+        else:
             load_backbone_weights(model.backbone[0], args.backbone_weights)
         return []
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.classification import build_classification_dataset, build_transform, input_image
+from datasets.classification import build_classification_dataset, build_transform, input_config, input_image
 from datasets.synthetic import CATEGORIES
 from util.errors import UserError
 
@@ -144,9 +144,31 @@ def test_rgb_conversion_of_grey_images(copy):
 
 def test_input_image_undoes_the_normalisation(classification_root):
     val = build_classification_dataset("val", flags(classification_root, input_size=40))
-    view = input_image(val[0][0])
+    view = input_image(val[0][0], flags(classification_root, input_size=40))
     resize, crop = val.transform.transforms[:2]
     with Image.open(val.samples[0][0]) as source:
         expected = np.asarray(crop(resize(source.convert("RGB"))), dtype=np.int64)
     assert view.size == (40, 40) and view.mode == "RGB"
     assert np.abs(np.asarray(view, dtype=np.int64) - expected).max() <= 1  # 8-bit rounding only
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({}, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875)),  # DeiT's
+    ({"vit_weights": "timm", "vit_arch": "vit_base"}, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.9)),  # timm's config
+    ({"vit_weights": "timm", "vit_arch": "deit_small", "crop_pct": 1.0}, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0)),
+    ({"input_mean": [0.1, 0.2, 0.3], "input_std": [1.0, 1.0, 1.0]}, ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0), 0.875)),
+])
+def test_input_config_comes_from_the_flags_then_the_weights_then_deit(classification_root, overrides, expected):
+    config = input_config(flags(classification_root, **overrides))
+    assert config["mean"] == pytest.approx(expected[0]) and config["std"] == pytest.approx(expected[1])
+    assert config["crop_pct"] == expected[2]
+
+
+def test_evaluation_transform_normalises_and_crops_as_the_config_says(classification_root):
+    plain = build_classification_dataset("val", flags(classification_root, input_size=32))
+    half = build_classification_dataset("val", flags(classification_root, input_size=32, input_mean=[0.5] * 3,
+                                                     input_std=[0.5] * 3, crop_pct=1.0))
+    resize = half.transform.transforms[0]
+    assert resize.size == 32  # crop_pct 1: resized to the input size, nothing cropped away
+    assert plain.transform.transforms[0].size == 36  # 32 / 0.875, rounded down
+    assert half[0][0].min() >= -1 - 1e-6 and half[0][0].max() <= 1 + 1e-6  # (x - 0.5) / 0.5 of x in [0, 1]

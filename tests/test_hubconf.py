@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = ["detr_resnet50", "detr_resnet50_dc5", "detr_resnet101", "detr_resnet101_dc5", "pnp_detr_resnet50",
            "pnp_detr_resnet50_dc5", "pnp_detr_resnet101", "detr_resnet50_panoptic", "detr_resnet50_dc5_panoptic",
            "detr_resnet101_panoptic", "pnp_detr_resnet50_panoptic"]
+VIT_ENTRIES = ["vit_deit_tiny", "vit_deit_small", "vit_base", "pnp_vit_deit_tiny", "pnp_vit_deit_small", "pnp_vit_base"]
 # What a hub user need not have: dataset, evaluation, training and export packages, timm (PnP-ViT), and the
 # project's modules that import them.
 NOT_NEEDED = ("pycocotools", "hotcoco", "faster_coco_eval", "panopticapi", "yaml", "matplotlib", "tensorboard",
@@ -22,8 +23,21 @@ NOT_NEEDED = ("pycocotools", "hotcoco", "faster_coco_eval", "panopticapi", "yaml
 def test_every_entry_point_is_exported_and_documented():
     import hubconf
 
-    assert sorted(hubconf.__all__) == sorted(ENTRIES)
-    assert all(callable(getattr(hubconf, name)) and getattr(hubconf, name).__doc__ for name in ENTRIES)
+    assert sorted(hubconf.__all__) == sorted(ENTRIES + VIT_ENTRIES)
+    assert all(callable(getattr(hubconf, name)) and getattr(hubconf, name).__doc__ for name in ENTRIES + VIT_ENTRIES)
+
+
+def test_pnp_vit_entry_is_the_vit_at_ratio_one_with_the_same_weights():
+    torch.manual_seed(0)
+    vit = torch.hub.load(REPO, "vit_deit_tiny", source="local", num_classes=10).eval()
+    pnp = torch.hub.load(REPO, "pnp_vit_deit_tiny", source="local", num_classes=10).eval()
+    assert pnp.uses_pnp and not vit.uses_pnp
+    pnp.load_state_dict(vit.state_dict(), strict=False)
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        plain, polled = vit(images)["logits"], pnp(images, 1.0)["logits"]
+    assert plain.shape == (2, 10)
+    assert torch.allclose(plain, polled, atol=1e-5)
 
 
 def test_pnp_detr_loads_with_its_postprocessor():

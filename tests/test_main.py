@@ -362,3 +362,32 @@ def test_optimizer_is_fused_adamw_with_the_backbone_at_its_own_lr(tiny_flags):
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [g["fused"] for g in optimizer.param_groups] == [True, True]
     assert [(g["lr"], len(g["params"])) for g in optimizer.param_groups] == [(3e-4, 2), (2e-5, 2)]
+
+
+def test_eval_evaluates_the_vit_weights_as_they_are(tmp_path, classification_flags, capsys):
+    trained_run, weights = tmp_path / "run", tmp_path / "vit.pth"
+    assert main.run(classification_flags + ["--no_pnp", "--epochs", "1", "--output_dir", str(trained_run)]) == 0
+    torch.save(torch.load(trained_run / "checkpoint.pth", weights_only=True)["model"], weights)
+    assert main.run(classification_flags + ["--no_pnp", "--eval", "--output_dir", str(trained_run)]) == 0
+    capsys.readouterr()
+    code, out, _ = _run(classification_flags + ["--no_pnp", "--eval", "--vit_weights", str(weights),
+                                                "--output_dir", str(tmp_path / "published")], capsys)
+    assert code == 0 and "untrained weights" not in out
+    assert (json.loads((tmp_path / "published" / "eval.json").read_text())[0]["top1"]
+            == json.loads((trained_run / "eval.json").read_text())[0]["top1"])
+
+
+def test_lr_base_batch_scales_every_groups_lr_by_the_total_batch(tiny_flags):
+    args = main.parse_args(tiny_flags + ["--lr", "4e-4", "--lr_backbone", "2e-5", "--batch_size", "4",
+                                         "--lr_base_batch", "16"])
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 3)})
+    optimizer, _ = main.build_optimizer(args, model, steps_per_epoch=5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 5e-6])
+
+
+def test_repeated_aug_in_one_process_trains_on_every_image_and_warns(classification_flags, capsys):
+    args = main.parse_args(classification_flags + ["--repeated_aug"])
+    args.distributed = False
+    loader_train, _ = main.build_loaders(args, *main.build_datasets(args))
+    assert isinstance(loader_train.batch_sampler.sampler, torch.utils.data.RandomSampler)
+    assert "--repeated_aug" in capsys.readouterr().out

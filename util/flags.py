@@ -29,6 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", default=1e-4, type=float,
                    help="AdamW lr of the transformer, heads and sampler (DeiT: 5e-4 x total batch / 512)")
+    g.add_argument("--lr_base_batch", default=0, type=int,
+                   help="when > 0, --lr and --lr_backbone are the lrs of this total batch, scaled linearly to the "
+                        "run's (--batch_size x processes), as DeiT's 5e-4 x batch / 512; 0: used as given")
     g.add_argument("--lr_backbone", default=1e-5, type=float, help="0 freezes the backbone")
     g.add_argument("--batch_size", default=2, type=int, help="images per process")
     g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
@@ -78,6 +81,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_topk_ratio", default=1 / 3, type=float, help="poll ratio r when none is given (--eval)")
     g.add_argument("--sample_ratio_lower_bound", default=1 / 3, type=float, help="lowest training poll ratio")
     g.add_argument("--sample_ratio_higher_bound", default=0.8, type=float, help="highest training poll ratio")
+    g.add_argument("--sample_ratio_upper_prob", default=0.0, type=float,
+                   help="probability that a training iteration polls at --sample_ratio_higher_bound itself (with "
+                        "the bound at 1: trains r = 1, which a uniform draw never gives); 0: the paper's "
+                        "Uniform(lower, higher) draw only")
     g.add_argument("--unsample_abstract_number", default=0, type=int,
                    help="M coarse tokens; 0 = auto (30 at stride 32, 100 at stride 16 or 8; ViT: the patch grid's side)")
     g.add_argument("--score_pred_net", default="2layer-fc-256", choices=SCORE_PRED_NETS,
@@ -113,6 +120,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_interpolation", default="bicubic", help="resize interpolation in training (timm's names)")
     g.add_argument("--scale", default=[0.08, 1.0], type=float, nargs=2,
                    help="area range of the training random resized crop (fractions of the image)")
+    g.add_argument("--input_mean", default=None, type=float, nargs=3,
+                   help="per-channel mean the images are normalised with (default: that of the --vit_weights "
+                        "timm config, else ImageNet's as DeiT)")
+    g.add_argument("--input_std", default=None, type=float, nargs=3,
+                   help="per-channel std (default: as --input_mean)")
+    g.add_argument("--crop_pct", default=None, type=float,
+                   help="evaluation: resize to --input_size / crop_pct, then centre crop (default: that of the "
+                        "--vit_weights timm config, else 0.875)")
     g.add_argument("--repeated_aug", action="store_true",
                    help="repeated augmentation: each image 3 times per epoch, in different processes (timm's RepeatAugSampler)")
     g = p.add_argument_group("loss")
