@@ -11,6 +11,7 @@ from datasets.coco_panoptic import CocoPanoptic, build as build_coco_panoptic
 from util.errors import UserError
 
 DATASET_FILES = ("coco", "coco_panoptic")
+SPLIT_FLAGS = ("train_images", "train_annotations", "val_images", "val_annotations")  # --dataset_file coco only
 
 
 def build_dataset(image_set: str, args: Any) -> Dataset:
@@ -21,6 +22,10 @@ def build_dataset(image_set: str, args: Any) -> Dataset:
     if args.dataset_file == "coco":
         return build_coco(image_set, args)
     if args.dataset_file == "coco_panoptic":
+        given = [flag for flag in SPLIT_FLAGS if getattr(args, flag, None)]
+        if given:
+            raise UserError(f"--{given[0]} is for --dataset_file coco; coco_panoptic reads --coco_path and "
+                            "--coco_panoptic_path")
         return build_coco_panoptic(image_set, args)
     raise UserError(f"--dataset_file {args.dataset_file!r} is not supported, expected one of: "
                     f"{', '.join(DATASET_FILES)}")

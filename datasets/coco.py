@@ -5,6 +5,9 @@ Layout read by ``build``::
     coco_path/annotations/instances_{train,val}2017.json
     coco_path/{train,val}2017/<file_name>
 
+or any image folder and json per split (``--train_images``/``--train_annotations``,
+``--val_images``/``--val_annotations``), each pair replacing its ``--coco_path`` paths.
+
 Category ids are used directly as labels, so ``num_classes = max category id + 1`` (DETR
 convention; label ``num_classes`` is then "no object" in the model).
 """
@@ -30,6 +33,9 @@ REQUIRED_FIELDS: dict[str, dict[str, type]] = {
     "annotations": {"id": int, "image_id": int, "category_id": int, "bbox": list},
     "categories": {"id": int},
 }
+TYPE_NAMES = {int: "an integer", str: "a string", list: "a list"}
+SECTIONS = "a COCO-format detection json has the lists 'images', 'annotations' and 'categories'"
+BOX_TOLERANCE = 1.0  # pixels a box may overhang its image (it is clipped), as COCO's own boxes do
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
@@ -43,6 +49,9 @@ def read_json_object(ann_file: str) -> dict:
     or not an object."""
     if not os.path.isfile(ann_file):
         raise UserError(f"annotation file not found: {ann_file}")
+    if os.path.getsize(ann_file) == 0:
+        raise UserError(f"{ann_file} is empty (0 bytes): expected a JSON object with 'images', "
+                        "'annotations' and 'categories'")
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
@@ -58,13 +67,14 @@ def load_annotation_json(ann_file: str) -> dict:
     """Read a COCO detection json, checking the fields this project relies on.
 
     Missing ``area`` defaults to the bbox area and missing ``iscrowd`` to 0 (COCOeval needs
-    both). Raises ``UserError`` naming the file (and field) for every problem found.
+    both); an image's ``width`` and ``height`` are optional. Raises ``UserError`` naming the file
+    (and field) for every problem found. An image without annotations is valid (a negative).
     """
     data = read_json_object(ann_file)
     for section, fields in REQUIRED_FIELDS.items():
         entries = data.get(section)
         if not isinstance(entries, list):
-            raise UserError(f"{ann_file}: missing list field '{section}'")
+            raise UserError(f"{ann_file}: no list '{section}' ({SECTIONS})")
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 raise UserError(f"{ann_file}: {section}[{index}] is not a JSON object")
@@ -74,11 +84,17 @@ def load_annotation_json(ann_file: str) -> dict:
                 value = entry[field]
                 if not isinstance(value, kind) or isinstance(value, bool):
                     raise UserError(f"{ann_file}: {section}[{index}] field '{field}' must be "
-                                    f"{kind.__name__}, got {short_repr(value)}")
+                                    f"{TYPE_NAMES[kind]}, got {short_repr(value)}")
     if not data["images"]:
         raise UserError(f"{ann_file}: 'images' is empty, expected at least one image")
     if not data["categories"]:
         raise UserError(f"{ann_file}: 'categories' is empty, expected at least one category")
+    for index, image in enumerate(data["images"]):
+        for field in ("width", "height"):
+            value = image.get(field, 1)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{ann_file}: images[{index}] field '{field}' must be a positive "
+                                f"number of pixels, got {short_repr(value)}")
     image_ids = {image["id"] for image in data["images"]}
     for index, ann in enumerate(data["annotations"]):
         bbox = ann["bbox"]
@@ -95,6 +111,27 @@ def load_annotation_json(ann_file: str) -> dict:
                 raise UserError(f"{ann_file}: annotations[{index}] field '{field}' must be a "
                                 f"number, got {short_repr(ann[field])}")
     return data
+
+
+def image_size(entry: dict, path: str) -> tuple[float, float]:
+    """``(width, height)`` of an image: its json entry's, else read from the file's header."""
+    if "width" in entry and "height" in entry:
+        return entry["width"], entry["height"]
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+
+
+def check_box_inside(ann_file: str, index: int, ann: dict, width: float, height: float) -> None:
+    """``UserError`` if annotation ``index``'s box overhangs its ``width x height`` image by more
+    than ``BOX_TOLERANCE`` pixels (within it, the box is clipped when the sample is made)."""
+    x, y, w, h = ann["bbox"]
+    if min(x, y) < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE or y + h > height + BOX_TOLERANCE:
+        raise UserError(f"{ann_file}: annotations[{index}] bbox {short_repr(ann['bbox'])} ([x, y, w, h]) lies "
+                        f"outside its image (id {ann['image_id']}, {width:g}x{height:g} pixels, width x height) "
+                        f"by more than {BOX_TOLERANCE:g} pixel")
 
 
 def category_ids(data: dict) -> list[int]:
@@ -202,10 +239,14 @@ class CocoDetection(CocoImages):
             raise UserError(f"{ann_file}: category id {bad[0]} does not fit --num_classes "
                             f"{num_classes} (ids must be in [0, {num_classes - 1}]; DETR "
                             "convention: num_classes = max category id + 1)")
+        sizes = {}
         for image in data["images"]:
             path = os.path.join(img_folder, image["file_name"])
             if not os.path.isfile(path):
                 raise UserError(f"image file not found: {path} (listed in {ann_file})")
+            sizes[image["id"]] = image_size(image, path)
+        for index, ann in enumerate(data["annotations"]):
+            check_box_inside(ann_file, index, ann, *sizes[ann["image_id"]])
         self.img_folder = img_folder
         self.ann_file = ann_file
         self.transforms = transforms
@@ -223,24 +264,53 @@ class CocoDetection(CocoImages):
         return clip_boxes(box_target(image_id, anns, height, width), height, width)
 
 
-def build(image_set: str, args: Any) -> CocoDetection:
-    """The ``train`` or ``val`` split under ``args.coco_path`` with the published transforms.
+def split_files(image_set: str, args: Any) -> Optional[tuple[str, str]]:
+    """The image folder and annotation json given by ``--{image_set}_images`` and
+    ``--{image_set}_annotations`` (None when neither is given); ``UserError`` naming the flag
+    when only one is given or its folder/file does not exist."""
+    images = getattr(args, f"{image_set}_images", None)
+    annotations = getattr(args, f"{image_set}_annotations", None)
+    if not images and not annotations:
+        return None
+    if not images or not annotations:
+        given, missing = ("images", "annotations") if images else ("annotations", "images")
+        raise UserError(f"--{image_set}_{given} needs --{image_set}_{missing} too: the {image_set} split is an "
+                        "image folder and its COCO-format json")
+    if not os.path.isdir(images):
+        raise UserError(f"--{image_set}_images {images} is not a folder")
+    if not os.path.isfile(annotations):
+        raise UserError(f"--{image_set}_annotations {annotations} is not a file")
+    return images, annotations
 
-    Uses ``args.coco_path``, ``args.eval_size`` (transform scale) and ``args.num_classes``
-    (``None``: max category id + 1).
-    """
+
+def coco_path_files(image_set: str, args: Any) -> tuple[str, str]:
+    """The image folder and annotation json of ``image_set`` in the COCO layout under ``--coco_path``."""
     root = args.coco_path
     if not root:
-        raise UserError("--coco_path is required: a folder with annotations/, train2017/ and val2017/")
+        raise UserError(f"--coco_path is required (a folder with annotations/, train2017/ and val2017/), or "
+                        f"--{image_set}_images with --{image_set}_annotations")
     if not os.path.isdir(root):
         raise UserError(f"--coco_path {root} is not a folder")
-    if image_set not in ("train", "val"):
-        raise ValueError(f"coco.build: image_set must be 'train' or 'val', got {image_set!r}")
     img_folder = os.path.join(root, f"{image_set}2017")
     ann_file = os.path.join(root, "annotations", f"instances_{image_set}2017.json")
     if not os.path.isfile(ann_file):
         raise UserError(f"annotation file not found: {ann_file} (from --coco_path)")
     if not os.path.isdir(img_folder):
         raise UserError(f"image folder not found: {img_folder} (from --coco_path)")
+    return img_folder, ann_file
+
+
+def build(image_set: str, args: Any) -> CocoDetection:
+    """The ``train`` or ``val`` split with the published transforms.
+
+    Its images and json come from ``--{image_set}_images`` and ``--{image_set}_annotations``,
+    else from the COCO layout under ``--coco_path``; both pairs are checked whichever split is
+    built. Uses ``args.eval_size`` (transform scale), ``args.augment`` and ``args.num_classes``
+    (``None``: max category id + 1).
+    """
+    if image_set not in ("train", "val"):
+        raise ValueError(f"coco.build: image_set must be 'train' or 'val', got {image_set!r}")
+    given = {split: split_files(split, args) for split in ("train", "val")}
+    img_folder, ann_file = given[image_set] or coco_path_files(image_set, args)
     transforms = make_coco_transforms(image_set, args.eval_size, args.augment)
     return CocoDetection(img_folder, ann_file, transforms, num_classes=args.num_classes)

@@ -46,7 +46,7 @@ class DetectionTask(Task):
         "num_queries", "pre_norm", "pos_embed_kproj", "no_aux_loss", "set_cost_class", "set_cost_bbox",
         "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
         "dataset_file", "coco_path", "coco_panoptic_path", "eval_size", "augment", "compile", "channels_last",
-        "lr_backbone",
+        "lr_backbone", "train_images", "train_annotations", "val_images", "val_annotations",
     )
     head_prefix = "class_embed."
     sampler_prefix = SAMPLER_PREFIX
@@ -54,6 +54,13 @@ class DetectionTask(Task):
     def check_args(self, args: argparse.Namespace) -> None:
         if args.frozen_weights is not None and not args.masks:
             raise UserError("--frozen_weights is for training the mask head and needs --masks")
+
+    def complete_args(self, args: argparse.Namespace) -> None:
+        """The split flags as absolute paths, so that predict.py finds the category names from
+        anywhere."""
+        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+            if getattr(args, key):
+                setattr(args, key, os.path.abspath(getattr(args, key)))
 
     def build_dataset(self, split: str, args: argparse.Namespace) -> Dataset:
         return build_dataset(split, args)

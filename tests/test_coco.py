@@ -29,7 +29,7 @@ def write_dataset(root, images=None, annotations=None, categories=None, raw_json
     if annotations is None:
         annotations = [
             {"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 3, 10, 5], "area": 40.0, "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 20, 20, 20], "area": 90.0, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 20, 10.5, 10.5], "area": 90.0, "iscrowd": 0},
             {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, 8, 8], "area": 64.0, "iscrowd": 1},
         ]
     if categories is None:
@@ -48,7 +48,8 @@ def write_dataset(root, images=None, annotations=None, categories=None, raw_json
 
 def dataset_args(coco_path, **overrides):
     args = {"dataset_file": "coco", "coco_path": coco_path, "eval_size": 800, "augment": "detr",
-            "num_classes": None}
+            "num_classes": None, "train_images": None, "train_annotations": None, "val_images": None,
+            "val_annotations": None}
     args.update(overrides)
     return Namespace(**args)
 
@@ -68,7 +69,7 @@ def test_sample_image_and_target(tmp_path):
     assert set(target) == {"boxes", "labels", "image_id", "area", "iscrowd", "orig_size", "size"}
     assert torch.equal(target["image_id"], torch.tensor([1]))
     assert torch.equal(target["labels"], torch.tensor([3, 1]))
-    # xywh -> xyxy, and the second box is clipped to the 40x30 image
+    # xywh -> xyxy, and the second box (0.5 px over the edges of the 40x30 image) is clipped to it
     assert torch.equal(target["boxes"], torch.tensor([[2.0, 3, 12, 8], [30, 20, 40, 30]]))
     assert torch.equal(target["area"], torch.tensor([40.0, 90.0]))
     assert torch.equal(target["iscrowd"], torch.tensor([0, 0]))
@@ -87,7 +88,7 @@ def test_image_without_objects_is_a_sample(tmp_path):
 def test_degenerate_boxes_are_dropped(tmp_path):
     annotations = [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},
-        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 5, 10, 10]},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [40.5, 5, 0.5, 10]},
         {"id": 3, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10]},
     ]
     img_folder, ann_file = write_dataset(str(tmp_path), annotations=annotations)
@@ -129,17 +130,30 @@ def test_get_coco_api_unwraps_subsets(synthetic_root):
     assert get_coco_api_from_dataset(nested) is dataset.coco
 
 
+def test_box_within_one_pixel_outside_is_clipped(tmp_path):
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [-0.8, -1.0, 10, 10]}]
+    img_folder, ann_file = write_dataset(str(tmp_path), annotations=annotations)
+    _, target = CocoDetection(img_folder, ann_file, T.ToTensor())[0]
+    assert torch.allclose(target["boxes"], torch.tensor([[0.0, 0.0, 9.2, 9.0]]))
+
+
+def test_split_flags_replace_coco_path(tmp_path):
+    img_folder, ann_file = write_dataset(str(tmp_path / "anywhere"))
+    dataset = build("train", dataset_args(None, train_images=img_folder, train_annotations=ann_file))
+    assert dataset.img_folder == img_folder and dataset.ann_file == ann_file
+
+
+def test_coco_path_gives_the_split_without_flags(synthetic_root, tmp_path):
+    img_folder, ann_file = write_dataset(str(tmp_path))
+    dataset = build("train", dataset_args(synthetic_root, val_images=img_folder, val_annotations=ann_file))
+    assert dataset.img_folder == os.path.join(synthetic_root, "train2017")
+
+
 # ----------------------------------------------------------------------------- user errors
 def test_unknown_dataset_file(tmp_path):
     with pytest.raises(UserError) as excinfo:
         build_dataset("val", dataset_args(str(tmp_path), dataset_file="voc"))
     assert_one_line_error(excinfo, "--dataset_file", "voc")
-
-
-def test_coco_path_not_given():
-    with pytest.raises(UserError) as excinfo:
-        build("val", dataset_args(None))
-    assert_one_line_error(excinfo, "--coco_path")
 
 
 def test_coco_path_not_a_folder(tmp_path):
@@ -233,3 +247,110 @@ def test_negative_category_id(tmp_path):
     with pytest.raises(UserError) as excinfo:
         CocoDetection(img_folder, ann_file, None)
     assert_one_line_error(excinfo, ann_file, "category id -1", "--num_classes")
+
+
+def test_coco_path_or_split_flags_required():
+    with pytest.raises(UserError) as excinfo:
+        build("val", dataset_args(None))
+    assert_one_line_error(excinfo, "--coco_path", "--val_images", "--val_annotations")
+
+
+def test_half_given_split_pair(tmp_path):
+    with pytest.raises(UserError) as excinfo:
+        build("val", dataset_args(None, train_images=str(tmp_path)))
+    assert_one_line_error(excinfo, "--train_images", "needs --train_annotations")
+
+
+def test_split_images_folder_missing(tmp_path):
+    _, ann_file = write_dataset(str(tmp_path))
+    missing = tmp_path / "no_images"
+    with pytest.raises(UserError) as excinfo:
+        build("val", dataset_args(None, val_images=str(missing), val_annotations=ann_file))
+    assert_one_line_error(excinfo, "--val_images", missing, "not a folder")
+
+
+def test_split_annotations_file_missing(tmp_path):
+    img_folder, _ = write_dataset(str(tmp_path))
+    missing = tmp_path / "val.json"
+    with pytest.raises(UserError) as excinfo:
+        build("val", dataset_args(None, val_images=img_folder, val_annotations=str(missing)))
+    assert_one_line_error(excinfo, "--val_annotations", missing, "not a file")
+
+
+def test_split_flags_refused_for_coco_panoptic(tmp_path):
+    img_folder, ann_file = write_dataset(str(tmp_path))
+    args = dataset_args(None, dataset_file="coco_panoptic", val_images=img_folder, val_annotations=ann_file)
+    with pytest.raises(UserError) as excinfo:
+        build_dataset("val", args)
+    assert_one_line_error(excinfo, "--val_images", "--dataset_file coco")
+
+
+def test_empty_annotation_file(tmp_path):
+    img_folder, ann_file = write_dataset(str(tmp_path), raw_json="")
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "empty (0 bytes)", "'images'")
+
+
+def test_annotation_file_without_images(tmp_path):
+    img_folder, ann_file = write_dataset(str(tmp_path), raw_json="{}")
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "no list 'images'")
+
+
+def test_annotation_file_with_empty_images(tmp_path):
+    img_folder, ann_file = write_dataset(str(tmp_path), images=[], annotations=[])
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "'images' is empty")
+
+
+def test_category_id_given_as_string(tmp_path):
+    annotations = [{"id": 1, "image_id": 1, "category_id": "3", "bbox": [1, 2, 3, 4]}]
+    img_folder, ann_file = write_dataset(str(tmp_path), annotations=annotations)
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "annotations[0]", "'category_id'", "an integer", "'3'")
+
+
+def test_image_id_given_as_float(tmp_path):
+    annotations = [{"id": 1, "image_id": 2.5, "category_id": 1, "bbox": [1, 2, 3, 4]}]
+    img_folder, ann_file = write_dataset(str(tmp_path), annotations=annotations)
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "annotations[0]", "'image_id'", "an integer", "2.5")
+
+
+def test_image_width_not_a_number(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "height": 30, "width": "40"}]
+    img_folder, ann_file = write_dataset(str(tmp_path), images=images, annotations=[])
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "images[0]", "'width'", "positive number")
+
+
+def test_box_beyond_the_image_edge(tmp_path):
+    annotations = [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 3, 3]},
+                   {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 20, 12, 5]}]
+    img_folder, ann_file = write_dataset(str(tmp_path), annotations=annotations)
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "annotations[1]", "[30, 20, 12, 5]", "40x30")
+
+
+def test_box_with_negative_corner(tmp_path):
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, -2, 3, 3]}]
+    img_folder, ann_file = write_dataset(str(tmp_path), annotations=annotations)
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "annotations[0]", "[5, -2, 3, 3]", "outside")
+
+
+def test_box_checked_against_the_image_file_without_json_size(tmp_path):
+    images = [{"id": 1, "file_name": "a.png"}]
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 32]}]
+    img_folder, ann_file = write_dataset(str(tmp_path), images=images, annotations=annotations)
+    with pytest.raises(UserError) as excinfo:
+        CocoDetection(img_folder, ann_file, None)
+    assert_one_line_error(excinfo, ann_file, "annotations[0]", "40x30")

@@ -143,7 +143,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset_file", default="coco",
                    help="dataset kind: coco (any COCO-format detection dataset) or coco_panoptic (COCO panoptic)")
-    g.add_argument("--coco_path", type=str, default=None, help="COCO-format dataset root")
+    g.add_argument("--coco_path", type=str, default=None,
+                   help="COCO-layout dataset root: annotations/instances_{train,val}2017.json, {train,val}2017/")
+    for split, name in (("train", "training"), ("val", "validation")):
+        g.add_argument(f"--{split}_images", default=None, metavar="DIR",
+                       help=f"folder of the {name} images (their file_name in --{split}_annotations is relative "
+                            f"to it); with --{split}_annotations it replaces --coco_path's {split}2017/")
+        g.add_argument(f"--{split}_annotations", default=None, metavar="JSON",
+                       help=f"COCO-format json of the {name} images; with --{split}_images it replaces "
+                            f"--coco_path's annotations/instances_{split}2017.json")
     g.add_argument("--coco_panoptic_path", type=str, default=None,
                    help="COCO panoptic root with annotations/panoptic_{train,val}2017.json and PNGs "
                         "(--dataset_file coco_panoptic; images come from --coco_path)")
