@@ -7,7 +7,7 @@ import torch
 
 import main
 from models.detr import build
-from util.checkpoint import load_model_weights, plain_args, read_checkpoint
+from util.checkpoint import PUBLISHED_CHECKPOINTS, load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError
 
 SAMPLER = "transformer.sampler."
@@ -170,3 +170,16 @@ def test_batchnorm_and_frozen_batchnorm_checkpoints_load_into_each_other():
     load_model_weights(frozen, trainable.state_dict(), "scratch.pth")
     assert torch.all(frozen.backbone[0].body["bn1"].running_mean == 0.25)
     load_model_weights(trainable, frozen.state_dict(), "frozen.pth")
+
+
+def test_a_published_name_downloads_its_url_and_offline_names_the_flag(monkeypatch):
+    asked = []
+
+    def offline(url, **kwargs):
+        asked.append(url)
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match=r"^--finetune https://dl\.fbaipublicfiles\.com/detr/detr-r50-.*give a local file"):
+        read_checkpoint("detr_r50", flag="--finetune")
+    assert asked == [PUBLISHED_CHECKPOINTS["detr_r50"]]

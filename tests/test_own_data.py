@@ -54,7 +54,7 @@ def write_split(generated: Path, split: str, out: Path, negative: bool) -> list[
 
 def in_process(command: str, finetune: str) -> list[str]:
     """``command``'s arguments after ``python X.py``, the preset resolved against the repository and
-    the ``--finetune`` URL replaced by ``finetune``."""
+    the ``--finetune`` name of the published weights replaced by ``finetune``."""
     argv = shlex.split(command)[2:]
     for i, arg in enumerate(argv[:-1]):
         if arg == "--config":
@@ -70,7 +70,7 @@ def readme_run(tmp_path_factory) -> dict:
     the README lays it out (6 train images, the first without annotations, and 3 val images;
     categories 7, 9 and 12), each main.py command with a tiny model appended.
 
-    A test does not download: the --finetune URL (the DETR-R50 weights) is replaced by a tiny DETR
+    A test does not download: the --finetune name of DETR-R50's published weights is replaced by a tiny DETR
     checkpoint trained here first on the generator's 6 classes (7 logits), so that fine-tuning to
     the own data's 13 replaces the class head and starts the sampler fresh, as with the published
     weights. Returns the working directory, the val file names, the command names and the

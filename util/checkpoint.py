@@ -18,12 +18,23 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 
 SAMPLER_PREFIX = "transformer.sampler."
 
+# The published DETR checkpoints, by name: ``--finetune detr_r50`` (or ``--resume``, ``predict.py
+# --checkpoint``) downloads the file because the command names it.
+PUBLISHED_CHECKPOINTS = {
+    "detr_r50": "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+    "detr_r50_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-f0fb7ef5.pth",
+    "detr_r101": "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth",
+    "detr_r101_dc5": "https://dl.fbaipublicfiles.com/detr/detr-r101-dc5-a2e86def.pth",
+}
+
 
 def read_checkpoint(source: str, flag: str = "--resume") -> dict[str, Any]:
-    """Load a checkpoint from a path, or from a URL (downloaded only because it was asked for).
+    """Load a checkpoint from a path, a URL or the name of a published one (``PUBLISHED_CHECKPOINTS``;
+    a URL or name is downloaded only because it was asked for).
 
     ``flag`` names the command-line flag that gave ``source`` in error messages.
     """
+    source = PUBLISHED_CHECKPOINTS.get(source, source)
     if source.startswith(("http://", "https://")):
         try:
             checkpoint = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False,

@@ -168,9 +168,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", default=42, type=int, help="random seed (each epoch and process derives its own)")
     g.add_argument("--resume", default="", help="checkpoint path or URL to resume or evaluate")
     g.add_argument("--finetune", default="", metavar="PATH_OR_URL",
-                   help="start a new run from this checkpoint's model weights (a published DETR / PnP-DETR "
-                        "or any main.py checkpoint; a URL is downloaded), its class head replaced when the "
-                        "class count differs; its optimiser, epoch and flags are not used")
+                   help="start a new run from this checkpoint's model weights (a main.py checkpoint, a URL, or "
+                        "detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5: DETR's published ones, downloaded), "
+                        "its class head replaced when the class count differs; its optimiser, epoch and flags "
+                        "are not used")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N",
                    help="first epoch when not resuming (a resumed run continues after its checkpoint)")
     g.add_argument("--eval", action="store_true", help="only evaluate (writes output_dir/eval.json)")
