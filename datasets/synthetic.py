@@ -18,7 +18,7 @@ on the same cluttered background, with the panoptic stuff regions (a band, a che
 distractors and one shape of 25% to 37.5% of the side, so most of each image is redundant. The
 clutter is dimmed and the shape is light, so the shape stands out by brightness as well as by its
 outline (with random contrasting colours a small ViT trained from scratch for minutes stayed at
-chance; see the README's PnP-ViT section).
+chance; see docs/pnp_vit.md).
 
     python -m datasets.synthetic --out data/shapes --num_train 5000 --num_val 200
     python -m datasets.synthetic --out data/shapes_panoptic --panoptic

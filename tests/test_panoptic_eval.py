@@ -149,7 +149,7 @@ def test_pq_equals_panopticapi_on_the_synthetic_panoptic_val(synthetic_panoptic_
 
 
 def test_pq_equals_panopticapi_on_the_readme_synthetic_panoptic_val(tmp_path):
-    """The val split of README's ``python -m datasets.synthetic ... --num_val 200 --seed 0 --panoptic``
+    """The val split of docs/panoptic.md's ``python -m datasets.synthetic ... --num_val 200 --seed 0 --panoptic``
     (a split's images do not depend on the size of the other split)."""
     with contextlib.redirect_stdout(io.StringIO()):
         generate(str(tmp_path / "data"), num_train=0, num_val=200, image_size=IMAGE_SIZE, seed=0, panoptic=True)

@@ -14,7 +14,7 @@ if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
 fi
 start=$(date +%s)
 if [ ! -f "$OUT/backbone.pth" ]; then
-    # batch 8, not the preset's 16: per image, the smaller batch learns more (docs/BENCHMARKS.md)
+    # batch 8, not the preset's 16: per image, the smaller batch learns more (docs/training.md, "The demo recipe")
     python pretrain_backbone.py --config configs/demo.yaml --coco_path "$DATA" --batch_size 8 --steps 1800 \
         --output "$OUT/backbone.pth"
     took "backbone pretraining" "$start"

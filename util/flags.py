@@ -15,7 +15,7 @@ from util.errors import UserError
 
 TRAIN_EVAL_RATIOS = [0.333, 0.5, 0.65, 0.8]
 TASKS = ("detection", "classification")
-DEFAULT_PNP_AFTER_BLOCK = 2  # of 12 blocks; README "PnP-ViT" says why
+DEFAULT_PNP_AFTER_BLOCK = 2  # of 12 blocks; docs/pnp_vit.md says why
 AUGMENTATIONS = ("detr", "flip")  # --augment: datasets.transforms.make_coco_transforms
 
 
@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate of the last block")
     g.add_argument("--global_pool", default="token", choices=GLOBAL_POOLS,
                    help="what the head reads: token (the class token, as ViT/DeiT) or avg (the mean of the other "
-                        "tokens; with the sampler a mean over more background as r rises, see the README's demo)")
+                        "tokens; with the sampler a mean over more background as r rises, see docs/pnp_vit.md)")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
     g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0: off; timm's Mixup)")
     g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0: off)")
