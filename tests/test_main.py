@@ -2,14 +2,18 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import main
+from tasks import check_task_flags, get_task
 from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS, assert_one_line_error
 from datasets import build_dataset
 from datasets.coco_eval import STAT_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(argv, capsys):
@@ -82,6 +86,22 @@ def test_plain_detr_trains_and_logs_unprefixed_keys(tmp_path, tiny_flags):
     assert not any(k.startswith("transformer.sampler") for k in checkpoint["model"])
 
 
+def test_query_groups_and_mosaic_train_a_checkpoint_that_a_plain_eval_scores_alike(tmp_path, tiny_flags, capsys):
+    trained_dir, evaluated_dir = tmp_path / "accelerated", tmp_path / "plain"
+    code, out, _ = _run(tiny_flags + ["--output_dir", str(trained_dir), "--epochs", "1", "--query_groups", "3",
+                                      "--mosaic", "0.5", "--eval_ratios", "0.5"], capsys)
+    assert code == 0, out[-2000:]
+    log = json.loads((trained_dir / "log.txt").read_text())
+    assert "train_loss" in log and len(log["test_ratio_0.5_coco_eval_bbox"]) == 12
+    checkpoint = torch.load(trained_dir / "checkpoint.pth", weights_only=True)
+    assert checkpoint["model"]["extra_query_embed.weight"].shape == (2 * 6, 32)
+    code, out, _ = _run(tiny_flags + ["--output_dir", str(evaluated_dir), "--eval", "--eval_ratios", "0.5",
+                                      "--flops_images", "0", "--resume", str(trained_dir / "checkpoint.pth")], capsys)
+    assert code == 0 and "extra query groups" in out and "dropped" in out
+    (row,) = json.loads((evaluated_dir / "eval.json").read_text())
+    assert [row[name] for name in STAT_NAMES] == log["test_ratio_0.5_coco_eval_bbox"]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags, capsys):
     flags = tiny_flags + ["--output_dir", str(tmp_path), "--eval_every", "0"]
     assert main.run(flags + ["--epochs", "1"]) == 0
@@ -99,11 +119,12 @@ def test_config_preset_is_overridden_by_the_command_line(tmp_path):
     assert args.hidden_dim == 48 and args.lr == 5e-4 and args.eval_ratios == [0.25, 0.75] and args.no_pnp
 
 
-@pytest.mark.parametrize("name", ["demo", "pnp_detr_r50", "pnp_detr_dc5_r50", "detr_r50", "vit_demo",
-                                  "deit_small_pnp"])
-def test_shipped_presets_parse(name):
-    args = main.parse_args(["--config", f"configs/{name}.yaml"])
-    assert args.output_dir
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_presets_parse_and_set_only_their_tasks_flags(preset):
+    args = main.parse_args(["--config", str(ROOT / "configs" / preset), "--data_path", "data"]
+                           if "task: classification" in (ROOT / "configs" / preset).read_text() else
+                           ["--config", str(ROOT / "configs" / preset)])
+    check_task_flags(get_task(args.task), args)
 
 
 @pytest.mark.parametrize("extra,needles", [
