@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import main
 from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS
-from datasets.coco_eval import CocoEvaluator, coco_from_dict
+from datasets.coco_eval import STAT_NAMES, CocoEvaluator, coco_from_dict
 from engine import evaluate_spread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_distributed_ap_equals_the_single_process_ap_of_the_checkpoint(ddp_run, 
     assert any(row["AP50"] > 0 for row in rows), "the checkpoint finds nothing: equal APs would prove nothing"
     for ratio, row in zip(RATIOS, rows):
         stats = distributed[f"test_ratio_{ratio}_coco_eval_bbox"]
-        assert stats == [row[name] for name in main.STAT_NAMES], f"ratio {ratio}"
+        assert stats == [row[name] for name in STAT_NAMES], f"ratio {ratio}"
 
 
 def test_two_nodes_on_loopback_train_as_two_local_processes(ddp_run, flags, tmp_path):
@@ -208,3 +208,56 @@ def test_classification_on_two_processes_with_repeated_augmentation(classificati
     (row,) = json.loads((single / "eval.json").read_text())
     assert row["top1"] == pytest.approx(log["test_ratio_0.5_acc1"])
     assert row["top5"] == pytest.approx(log["test_ratio_0.5_acc5"])
+
+
+# ----------------------------------------------------------------------------- Group DETR over ranks
+# Boxes per image 3, 1 | 0, 2: the ranks' counts differ, so the loss is right only with the box
+# count averaged over the processes.
+GROUPED_BOXES = [[[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.5, 0.2, 0.2, 0.1]], [[0.5, 0.5, 0.4, 0.4]],
+                 [], [[0.2, 0.7, 0.2, 0.3], [0.7, 0.3, 0.4, 0.2]]]
+
+
+def _grouped_box_losses(images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+    """The box terms of every query group and decoder layer of a tiny PnP-DETR with 2 query groups
+    (training mode; BatchNorm on running statistics, so that an image's outputs do not depend on
+    its batch). The class terms are left out: cross-entropy averages over each process's queries,
+    so its average over processes is not the whole batch's, with or without groups."""
+    from models.detr import build
+
+    torch.manual_seed(0)
+    model, criterion, _ = build(main.parse_args(
+        TINY_FLAGS + ["--num_classes", "5", "--query_groups", "2", "--dropout", "0"]))
+    model.train()
+    model.backbone.eval()
+    with torch.no_grad():
+        losses = criterion(model(images, 0.5), targets)
+    return {k: v for k, v in losses.items() if k.startswith(("loss_bbox", "loss_giou"))}
+
+
+def _grouped_batch() -> tuple[list[torch.Tensor], list[dict]]:
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=generator) for _ in GROUPED_BOXES]
+    targets = [{"labels": torch.arange(len(boxes), dtype=torch.int64) + 1,
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)} for boxes in GROUPED_BOXES]
+    return images, targets
+
+
+def _grouped_loss_worker(rank: int, world_size: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        images, targets = _grouped_batch()
+        share = slice(2 * rank, 2 * rank + 2)
+        torch.save(_grouped_box_losses(images[share], targets[share]), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grouped_loss_on_two_processes_equals_the_single_process_loss_of_the_batch(tmp_path):
+    single = _grouped_box_losses(*_grouped_batch())
+    assert {"loss_bbox_group1", "loss_giou_0_group1"} <= set(single)
+    mp.spawn(_grouped_loss_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert set(ranks[0]) == set(single)
+    for key, value in single.items():
+        torch.testing.assert_close((ranks[0][key] + ranks[1][key]) / 2, value, atol=1e-5, rtol=1e-5, msg=key)
