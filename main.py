@@ -253,7 +253,12 @@ def main(args: argparse.Namespace) -> None:
                                        sampler_prefix=task.sampler_prefix):
             print(note)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            try:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            except ValueError:
+                raise UserError(f"--resume: the optimiser state in {resume} is of another set of parameters (e.g. "
+                                "another --query_groups): resume with the flags it was trained with, or start "
+                                "from its weights with --finetune") from None
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if isinstance(lr_scheduler, torch.optim.lr_scheduler.StepLR):
                 lr_scheduler.step_size = args.lr_drop

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset, Subset
 from datasets.coco import CocoDetection, build as build_coco
 from datasets.coco_eval import COCO
 from datasets.coco_panoptic import CocoPanoptic, build as build_coco_panoptic
+from datasets.mosaic import Mosaic
 from util.errors import UserError
 
 DATASET_FILES = ("coco", "coco_panoptic")
@@ -15,7 +16,15 @@ SPLIT_FLAGS = ("train_images", "train_annotations", "val_images", "val_annotatio
 
 
 def build_dataset(image_set: str, args: Any) -> Dataset:
-    """The ``train`` or ``val`` split of the dataset named by ``args.dataset_file``."""
+    """The ``train`` or ``val`` split of the dataset named by ``args.dataset_file``; with
+    ``--mosaic P`` the training split is wrapped in ``Mosaic``."""
+    dataset = _build_split(image_set, args)
+    if image_set == "train" and getattr(args, "mosaic", 0) > 0:
+        return Mosaic(dataset, args.mosaic)
+    return dataset
+
+
+def _build_split(image_set: str, args: Any) -> Dataset:
     if getattr(args, "masks", False) and args.dataset_file != "coco_panoptic":
         raise UserError(f"--masks needs mask annotations: use --dataset_file coco_panoptic "
                         f"(got --dataset_file {args.dataset_file})")

@@ -60,10 +60,17 @@ class DETR(nn.Module):
 
     ``extract_features`` + ``predict`` split the same computation so that evaluation at
     several ratios runs the backbone once.
+
+    With ``query_groups`` G > 1 (Group DETR, ``--query_groups``) the model also holds
+    ``extra_query_embed``, G - 1 more groups of ``num_queries`` queries. In training mode the
+    decoder runs all G groups (self-attention within each group) and the output also holds
+    ``group_outputs``, the G - 1 extra groups' predictions (each a dict of ``pred_logits``,
+    ``pred_boxes`` and ``aux_outputs``); in eval mode only ``query_embed`` runs, exactly as in a
+    model built without groups.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = False):
+                 aux_loss: bool = False, query_groups: int = 1):
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -74,6 +81,9 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        self.query_groups = query_groups
+        self.extra_query_embed = (nn.Embedding((query_groups - 1) * num_queries, hidden_dim)
+                                  if query_groups > 1 else None)
 
     @property
     def uses_pnp(self) -> bool:
@@ -88,18 +98,36 @@ class DETR(nn.Module):
             num_valid = unpadded_positions(samples.image_sizes, samples.tensors.shape[-2:], src.shape[-2:])
         return ImageFeatures(src=self.input_proj(src), mask=mask, pos=pos[-1], stages=stages, num_valid=num_valid)
 
+    def decoder_queries(self) -> tuple[Tensor, int]:
+        """The query embeddings the decoder runs and their number of groups: in training mode
+        every group (``query_embed`` first, then ``extra_query_embed``), else ``query_embed`` alone."""
+        if self.training and self.extra_query_embed is not None:
+            return torch.cat([self.query_embed.weight, self.extra_query_embed.weight]), self.query_groups
+        return self.query_embed.weight, 1
+
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
-        hs, _, sampled = self.transformer(features.src, features.mask, self.query_embed.weight,
-                                          features.pos, sample_ratio, features.num_valid)
+        queries, groups = self.decoder_queries()
+        hs, _, sampled = self.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
+                                          features.num_valid, groups)
         return self.detection_outputs(hs, sampled)
 
-    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens]) -> dict[str, Any]:
-        """The output dict of ``forward`` from the decoder outputs ``hs (layers, B, Q, C)``."""
-        logits = self.class_embed(hs)
-        boxes = self.bbox_embed(hs).sigmoid()
+    def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
+        """Predictions of one query group from its ``(layers, B, Q, ...)`` logits and boxes."""
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens]) -> dict[str, Any]:
+        """The output dict of ``forward`` from the decoder outputs ``hs (layers, B, G * Q, C)`` of
+        G query groups: group 0's predictions, and the others' as ``group_outputs`` when G > 1."""
+        logits = self.class_embed(hs)
+        boxes = self.bbox_embed(hs).sigmoid()
+        groups = [self._layer_outputs(group_logits, group_boxes) for group_logits, group_boxes
+                  in zip(logits.split(self.num_queries, dim=2), boxes.split(self.num_queries, dim=2))]
+        out = groups[0]
+        if len(groups) > 1:
+            out["group_outputs"] = groups[1:]
         if sampled is not None:
             out["sample_reg_loss"] = sampled.sample_reg_loss
             out["sampled"] = sampled
@@ -117,7 +145,10 @@ class SetCriterion(nn.Module):
     ``class_error``), ``boxes`` (``loss_bbox``, ``loss_giou``) and ``cardinality`` (logs
     ``cardinality_error``); ``models.segmentation`` adds ``masks``. The
     terms are repeated with suffix ``_{i}`` for every auxiliary decoder output, and the
-    sampler's ``sample_reg_loss`` is passed through. ``weight_dict`` says how each term
+    sampler's ``sample_reg_loss`` is passed through. Each extra query group of
+    ``outputs["group_outputs"]`` (Group DETR) is matched one-to-one to the targets on its own and
+    adds its weighted terms with suffix ``_group{g}`` (``loss_ce_group1``, ``loss_bbox_0_group1``
+    ...), normalised by the same box count. ``weight_dict`` says how each term
     enters the total loss. Everything is computed in float32.
 
     On a GPU the matcher's solver reads the cost matrix on the host; nothing else here waits
@@ -182,6 +213,15 @@ class SetCriterion(nn.Module):
             losses.update({k + suffix: v for k, v in fn(outputs, targets, indices, num_boxes).items()})
         return losses
 
+    def _set_losses(self, outputs: dict, targets: list[dict], num_boxes: Tensor, suffix: str = "") -> dict[str, Tensor]:
+        """The terms of one set of predictions: its final layer's, then its auxiliary outputs'
+        weighted terms with ``_{i}`` before ``suffix``."""
+        losses = self._losses_for(outputs, targets, num_boxes, suffix)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            aux_losses = self._losses_for(aux, targets, num_boxes, suffix=f"_{i}{suffix}")
+            losses.update({k: v for k, v in aux_losses.items() if k in self.weight_dict})
+        return losses
+
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]],
                 sync_num_boxes: bool = True) -> dict[str, Tensor]:
         """Targets per image: ``labels (T,)`` int64 and ``boxes (T, 4)`` cxcywh in [0, 1].
@@ -197,10 +237,10 @@ class SetCriterion(nn.Module):
             num_boxes = num_boxes / get_world_size()
         num_boxes = num_boxes.clamp(min=1)
 
-        losses = self._losses_for(outputs, targets, num_boxes)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_losses = self._losses_for(aux, targets, num_boxes, suffix=f"_{i}")
-            losses.update({k: v for k, v in aux_losses.items() if k in self.weight_dict})
+        losses = self._set_losses(outputs, targets, num_boxes)
+        for g, group in enumerate(outputs.get("group_outputs", []), start=1):
+            group_losses = self._set_losses(group, targets, num_boxes, suffix=f"_group{g}")
+            losses.update({k: v for k, v in group_losses.items() if k in self.weight_dict})
         if "sample_reg_loss" in outputs:
             losses["sample_reg_loss"] = outputs["sample_reg_loss"].float()
         return losses
@@ -229,12 +269,15 @@ def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     if args.num_classes is None or args.num_classes < 1:
         raise UserError(f"--num_classes: expected a positive class count, got {args.num_classes}")
     model = DETR(build_backbone(args), build_transformer(args), num_classes=args.num_classes,
-                 num_queries=args.num_queries, aux_loss=not args.no_aux_loss)
+                 num_queries=args.num_queries, aux_loss=not args.no_aux_loss, query_groups=args.query_groups)
 
     weight_dict = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if not args.no_aux_loss:
         for i in range(args.dec_layers - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
+    one_group = dict(weight_dict)
+    for g in range(1, args.query_groups):
+        weight_dict.update({f"{k}_group{g}": v for k, v in one_group.items()})
     if model.uses_pnp:
         weight_dict["sample_reg_loss"] = args.sample_reg_loss
     criterion = SetCriterion(args.num_classes, build_matcher(args), weight_dict, args.eos_coef,

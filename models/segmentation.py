@@ -177,6 +177,9 @@ class MaskHeadSmallConv(nn.Module):
 class DETRsegm(nn.Module):
     """A detector plus ``bbox_attention`` and ``mask_head``: adds ``pred_masks (B, Q, H/4, W/4)``.
 
+    The masks are those of the detector's query group 0: with ``--query_groups`` the extra
+    groups of training get box and class losses only.
+
     The mask head reads backbone stages 3, 2, 1 (C4, C3, C2), or 2, 1 when the backbone ends
     at stage 2, so the backbone must return its intermediate stages (built with ``--masks``).
     ``freeze_detr`` stops every detector gradient and keeps the detector in eval mode
@@ -228,11 +231,12 @@ class DETRsegm(nn.Module):
 
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
         detr = self.detr
-        hs, memory, sampled = detr.transformer(features.src, features.mask, detr.query_embed.weight,
-                                               features.pos, sample_ratio, features.num_valid)
+        queries, groups = detr.decoder_queries()
+        hs, memory, sampled = detr.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
+                                               features.num_valid, groups)
         out = detr.detection_outputs(hs, sampled)
         grid = self.memory_grid(memory, sampled, features)
-        bbox_mask = self.bbox_attention(hs[-1], grid, features.mask)
+        bbox_mask = self.bbox_attention(hs[-1, :, :detr.num_queries], grid, features.mask)
         fpns = [features.stages[stage - 1].tensors for stage in self.fpn_stages]
         out["pred_masks"] = self.mask_head(features.src, bbox_mask, fpns)
         return out

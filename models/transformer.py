@@ -20,7 +20,8 @@ class MultiheadAttention(nn.Module):
 
     Computed with ``scaled_dot_product_attention``: no attention matrix is kept. When ``query is
     key`` (self-attention with the position added once) one product gives both q and k.
-    query ``(B, Lq, C)``, key/value ``(B, Lk, C)``, key_padding_mask ``(B, Lk)`` True = ignore.
+    query ``(B, Lq, C)``, key/value ``(B, Lk, C)``, key_padding_mask ``(B, Lk)`` True = ignore,
+    attn_mask ``(Lq, Lk)`` bool, True where the query may attend to the key.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
@@ -37,7 +38,7 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         if query is key:  # self-attention: one product gives q and k
@@ -52,8 +53,10 @@ class MultiheadAttention(nn.Module):
         def split(t: Tensor) -> Tensor:
             return t.view(batch, t.shape[1], heads, dim // heads).transpose(1, 2)
 
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=attn_mask,
+        allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        if attn_mask is not None:
+            allowed = attn_mask if allowed is None else allowed & attn_mask
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=allowed,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, len_q, dim))
 
@@ -111,9 +114,9 @@ class TransformerDecoderLayer(nn.Module):
         self.activation = _activation(activation)
         self.normalize_before = normalize_before
 
-    def _self_attend(self, x: Tensor, query_pos: Optional[Tensor]) -> Tensor:
+    def _self_attend(self, x: Tensor, query_pos: Optional[Tensor], self_attn_mask: Optional[Tensor]) -> Tensor:
         q = k = _with_pos(x, query_pos)
-        return self.dropout1(self.self_attn(q, k, x))
+        return self.dropout1(self.self_attn(q, k, x, attn_mask=self_attn_mask))
 
     def _cross_attend(self, x: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor],
                       pos: Optional[Tensor], query_pos: Optional[Tensor]) -> Tensor:
@@ -125,12 +128,14 @@ class TransformerDecoderLayer(nn.Module):
         return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None) -> Tensor:
+                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
+                self_attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``self_attn_mask (Q, Q)`` bool, True where query i may attend to query j (None: all)."""
         if self.normalize_before:
-            tgt = tgt + self._self_attend(self.norm1(tgt), query_pos)
+            tgt = tgt + self._self_attend(self.norm1(tgt), query_pos, self_attn_mask)
             tgt = tgt + self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
             return tgt + self._feedforward(self.norm3(tgt))
-        tgt = self.norm1(tgt + self._self_attend(tgt, query_pos))
+        tgt = self.norm1(tgt + self._self_attend(tgt, query_pos, self_attn_mask))
         tgt = self.norm2(tgt + self._cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos))
         return self.norm3(tgt + self._feedforward(tgt))
 
@@ -159,10 +164,11 @@ class TransformerDecoder(nn.Module):
         self.return_intermediate = return_intermediate
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None) -> Tensor:
+                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None,
+                self_attn_mask: Optional[Tensor] = None) -> Tensor:
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
             if self.return_intermediate:
                 intermediate.append(self.norm(tgt))
         if self.return_intermediate:
@@ -173,11 +179,14 @@ class TransformerDecoder(nn.Module):
 class Transformer(nn.Module):
     """Encoder over the image tokens (all positions, or the sampler's), decoder over queries.
 
-    ``forward(src, mask, query_embed, pos_embed, sample_ratio, num_valid)`` with src/pos
+    ``forward(src, mask, query_embed, pos_embed, sample_ratio, num_valid, query_groups)`` with src/pos
     ``(B, C, H, W)``, mask ``(B, H, W)``, query_embed ``(Q, C)`` and optionally ``num_valid``, the
     sampler's host counts of unpadded positions (``PollAndPoolSampler.forward``), returns
     ``(hs, memory, sampled)``: decoder outputs ``(num_dec_layers or 1, B, Q, C)``, encoder memory
     ``(B, T, C)`` with T = H*W or N + M, and the sampler's ``SampledTokens`` (None without a sampler).
+    With ``query_groups`` G > 1 the Q queries are G consecutive groups of equal size (Group DETR)
+    and the decoder's self-attention stays within each group (``group_attention_mask``); all
+    groups cross-attend to the same memory.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
@@ -211,13 +220,24 @@ class Transformer(nn.Module):
         return sampled.tokens, sampled.pos, sampled.key_padding_mask, sampled
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-                sample_ratio: Optional[float] = None, num_valid: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
+                sample_ratio: Optional[float] = None, num_valid: Optional[Tensor] = None,
+                query_groups: int = 1) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
         tokens, pos, key_padding_mask, sampled = self.encoder_inputs(src, mask, pos_embed, sample_ratio, num_valid)
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
+        self_attn_mask = None
+        if query_groups > 1:
+            self_attn_mask = group_attention_mask(query_embed.shape[0] // query_groups, query_groups,
+                                                  query_embed.device)
         memory = self.encoder(tokens, key_padding_mask, pos)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos, query_pos)
+        hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos, query_pos, self_attn_mask)
         return hs, memory, sampled
+
+
+def group_attention_mask(group_size: int, groups: int, device: torch.device) -> Tensor:
+    """``(G * S, G * S)`` bool, block-diagonal: True where query i and query j are in the same
+    of ``groups`` consecutive groups of ``group_size`` queries."""
+    group = torch.arange(group_size * groups, device=device) // group_size
+    return group[:, None] == group[None, :]
 
 
 def _activation(name: str) -> nn.Module:

@@ -46,7 +46,8 @@ class DetectionTask(Task):
         "num_queries", "pre_norm", "pos_embed_kproj", "no_aux_loss", "set_cost_class", "set_cost_bbox",
         "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
         "dataset_file", "coco_path", "coco_panoptic_path", "eval_size", "augment", "compile", "channels_last",
-        "lr_backbone", "train_images", "train_annotations", "val_images", "val_annotations",
+        "lr_backbone", "train_images", "train_annotations", "val_images", "val_annotations", "query_groups",
+        "mosaic",
     )
     head_prefix = "class_embed."
     sampler_prefix = SAMPLER_PREFIX
@@ -54,6 +55,15 @@ class DetectionTask(Task):
     def check_args(self, args: argparse.Namespace) -> None:
         if args.frozen_weights is not None and not args.masks:
             raise UserError("--frozen_weights is for training the mask head and needs --masks")
+        if args.query_groups < 1:
+            raise UserError(f"--query_groups must be 1 (off) or more groups of queries, got {args.query_groups}")
+        if args.query_groups > 1 and args.frozen_weights is not None:
+            raise UserError("--query_groups trains the detector's queries; --frozen_weights freezes the detector: "
+                            "drop --query_groups")
+        if not 0 <= args.mosaic <= 1:
+            raise UserError(f"--mosaic is a probability: expected a value in [0, 1], got {args.mosaic}")
+        if args.mosaic > 0 and args.masks:
+            raise UserError("--mosaic tiles boxes, not mask targets: drop --mosaic with --masks")
 
     def complete_args(self, args: argparse.Namespace) -> None:
         """The split flags as absolute paths, so that predict.py finds the category names from

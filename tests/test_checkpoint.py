@@ -97,6 +97,34 @@ def test_other_architecture_is_a_one_line_user_error(flags, problem):
     assert _equal(target.state_dict(), before, before.keys())  # nothing half-loaded
 
 
+def _eval_outputs(model):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.eval()(images, 0.5)
+
+
+def test_checkpoint_with_query_groups_loads_into_a_model_without_them_with_a_note():
+    grouped = tiny_model("--query_groups", "3", seed=1)
+    plain = tiny_model(seed=2)
+    notes = load_model_weights(plain, grouped.state_dict(), "grouped.pth")
+    assert len(notes) == 1 and "grouped.pth" in notes[0] and "dropped" in notes[0] and "\n" not in notes[0]
+    assert "extra_query_embed.weight" not in plain.state_dict()
+    expected, loaded = _eval_outputs(grouped), _eval_outputs(plain)
+    assert torch.equal(loaded["pred_logits"], expected["pred_logits"])
+    assert torch.equal(loaded["pred_boxes"], expected["pred_boxes"])
+
+
+@pytest.mark.parametrize("source_flags", [(), ("--query_groups", "2")])
+def test_model_with_query_groups_keeps_fresh_extra_groups_from_a_checkpoint_without_as_many(source_flags):
+    source = tiny_model(*source_flags, seed=1)
+    grouped = tiny_model("--query_groups", "3", seed=2)
+    fresh = grouped.extra_query_embed.weight.detach().clone()
+    notes = load_model_weights(grouped, source.state_dict(), "plain.pth")
+    assert len(notes) == 1 and "plain.pth" in notes[0] and "start fresh" in notes[0]
+    assert torch.equal(grouped.extra_query_embed.weight, fresh)
+    assert torch.equal(grouped.query_embed.weight, source.query_embed.weight)
+
+
 def test_pnp_checkpoint_into_plain_detr_is_a_user_error():
     with pytest.raises(UserError, match="unexpected transformer.sampler"):
         load_model_weights(tiny_model("--no_pnp"), tiny_model(seed=1).state_dict(), "pnp.pth")

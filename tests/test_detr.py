@@ -446,6 +446,117 @@ def test_gradients_reach_the_score_network_through_the_detection_loss(flags):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
+# ----------------------------------------------------------------------------- Group DETR (--query_groups)
+GROUP_TARGETS = [{"labels": torch.tensor([1, 2, 3]),
+                  "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.5, 0.2, 0.2, 0.1]])},
+                 {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+
+
+def grouped_build(groups: int, *extra: str, seed: int = 0):
+    """A tiny PnP-DETR with ``groups`` query groups and no dropout, in training mode."""
+    model, criterion, postprocessors = tiny_build("--query_groups", str(groups), "--dropout", "0", *extra, seed=seed)
+    return model.train(), criterion, postprocessors
+
+
+def test_training_outputs_hold_every_extra_group_and_eval_outputs_none():
+    model, _, _ = grouped_build(3)
+    images = torch.stack(_images())
+    out = model(images, 0.5)
+    assert len(out["group_outputs"]) == 2
+    for group in [out, *out["group_outputs"]]:
+        assert group["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+        assert group["pred_boxes"].shape == (2, NUM_QUERIES, 4)
+        assert len(group["aux_outputs"]) == 1
+    with torch.no_grad():
+        evaluated = model.eval()(images, 0.5)
+    assert "group_outputs" not in evaluated and evaluated["pred_logits"].shape[1] == NUM_QUERIES
+
+
+def test_group_0_in_training_computes_the_model_without_groups():
+    plain = tiny_build("--dropout", "0")[0].train()
+    grouped, _, _ = grouped_build(2)
+    load_model_weights(grouped, plain.state_dict(), "plain.pth")
+    images = torch.stack(_images())
+    with torch.no_grad():
+        _assert_outputs_close(grouped(images, 0.5), plain(images, 0.5))
+
+
+def test_eval_outputs_with_groups_equal_the_model_without_groups():
+    plain = tiny_build()[0].eval()
+    grouped = grouped_build(3, seed=1)[0].eval()
+    notes = load_model_weights(grouped, plain.state_dict(), "plain.pth")
+    assert len(notes) == 1 and "start fresh" in notes[0]
+    images = torch.stack(_images())
+    with torch.no_grad():
+        for ratio in (0.3, 0.8):
+            _assert_outputs_close(grouped(images, ratio), plain(images, ratio))
+
+
+def test_eval_mode_runs_no_extra_query():
+    model = grouped_build(2)[0].eval()
+    model(torch.stack(_images()), 0.5)["pred_boxes"].sum().backward()
+    assert model.extra_query_embed.weight.grad is None
+    assert model.query_embed.weight.grad is not None
+
+
+class _RecordingMatcher(HungarianMatcher):
+    """The Hungarian matcher, keeping the number of queries and the matches of every call."""
+
+    def __init__(self):
+        super().__init__(1, 5, 2)
+        self.calls = []
+
+    def forward(self, outputs, targets):
+        indices = super().forward(outputs, targets)
+        self.calls.append((outputs["pred_logits"].shape[1], indices))
+        return indices
+
+
+def test_each_group_matches_every_target_exactly_once():
+    model, criterion, _ = grouped_build(2)
+    criterion.matcher = _RecordingMatcher()
+    criterion(model(torch.stack(_images()), 0.5), GROUP_TARGETS)
+    assert len(criterion.matcher.calls) == 2 * 2, "2 groups x 2 decoder layers"
+    for num_queries, indices in criterion.matcher.calls:
+        assert num_queries == NUM_QUERIES, "a group is matched on its own queries"
+        for (queries, targets), target in zip(indices, GROUP_TARGETS):
+            assert sorted(targets.tolist()) == list(range(len(target["labels"])))
+            assert len(set(queries.tolist())) == len(queries)
+
+
+def test_each_extra_groups_terms_are_its_own_detr_loss():
+    model, criterion, _ = grouped_build(3)
+    with torch.no_grad():
+        out = model(torch.stack(_images()), 0.5)
+        losses = criterion(out, GROUP_TARGETS)
+        for g, group in enumerate(out["group_outputs"], start=1):
+            alone = criterion(group, GROUP_TARGETS)
+            for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"):
+                torch.testing.assert_close(losses[f"{name}_group{g}"], alone[name])
+    assert not torch.allclose(losses["loss_ce_group1"], losses["loss_ce"]), "groups alike would prove nothing"
+    assert {k for k in losses if "group" in k} <= set(criterion.weight_dict)
+
+
+def test_weight_dict_repeats_every_detection_term_per_extra_group():
+    _, criterion, _ = tiny_build("--query_groups", "3", "--no_aux_loss")
+    assert criterion.weight_dict == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0,
+                                     "loss_ce_group1": 1.0, "loss_bbox_group1": 5.0, "loss_giou_group1": 2.0,
+                                     "loss_ce_group2": 1.0, "loss_bbox_group2": 5.0, "loss_giou_group2": 2.0,
+                                     "sample_reg_loss": 1e-4}
+
+
+@pytest.mark.parametrize("flags", [(), ("--no_pnp",)])
+def test_grouped_losses_of_images_without_boxes_are_finite_and_reach_every_group(flags):
+    model, criterion, _ = grouped_build(2, *flags)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    losses = criterion(model(torch.stack(_images()), 0.5), empty)
+    total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    assert math.isfinite(total.item())
+    total.backward()
+    grad = model.extra_query_embed.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- post-processing
 def test_postprocess_hand_case():
     # Query 0: no-object is the most likely class, class 1 the most likely real class.

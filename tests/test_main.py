@@ -12,6 +12,8 @@ from tasks import check_task_flags, get_task
 from conftest import TINY_CLASSIFICATION_FLAGS, TINY_FLAGS, assert_one_line_error
 from datasets import build_dataset
 from datasets.coco_eval import STAT_NAMES
+from models import build_model
+from util.checkpoint import load_model_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +102,23 @@ def test_query_groups_and_mosaic_train_a_checkpoint_that_a_plain_eval_scores_ali
     assert code == 0 and "extra query groups" in out and "dropped" in out
     (row,) = json.loads((evaluated_dir / "eval.json").read_text())
     assert [row[name] for name in STAT_NAMES] == log["test_ratio_0.5_coco_eval_bbox"]
+    # One epoch finds nothing (AP 0 either way): the outputs themselves must agree too.
+    images = [build_dataset("val", main.parse_args(tiny_flags + ["--num_classes", "7"]))[i][0] for i in range(2)]
+    outputs = []
+    for extra in (["--query_groups", "3"], []):
+        model = build_model(main.parse_args(tiny_flags + ["--num_classes", "7", *extra]))[0]
+        load_model_weights(model, checkpoint["model"], "checkpoint.pth")
+        with torch.no_grad():
+            outputs.append(model.eval()(images, 0.5))
+    assert torch.equal(outputs[0]["pred_logits"], outputs[1]["pred_logits"])
+    assert torch.equal(outputs[0]["pred_boxes"], outputs[1]["pred_boxes"])
+
+
+def test_resume_with_other_query_groups_is_named(tmp_path, tiny_flags, capsys):
+    flags = tiny_flags + ["--output_dir", str(tmp_path), "--eval_every", "0"]
+    assert main.run(flags + ["--epochs", "1", "--query_groups", "2"]) == 0
+    code, _, err = _run(flags + ["--epochs", "2"], capsys)
+    assert_one_line_error(code, err, "--resume", "--query_groups", "--finetune")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_flags, capsys):

@@ -152,6 +152,25 @@ def test_forward_adds_stride_4_masks(extra):
     assert torch.isfinite(out["pred_masks"]).all()
 
 
+def test_query_groups_train_masks_of_group_0_only():
+    torch.manual_seed(0)
+    model, criterion, _ = build(tiny_args("--query_groups", "2", "--dropout", "0"))
+    images = [torch.rand(3, 64, 48), torch.rand(3, 50, 64)]
+    out = model.train()(images, 0.5)
+    assert out["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)
+    assert "pred_masks" not in out["group_outputs"][0]
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, 8:40, 8:40] = True
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]]), "masks": masks}] * 2
+    losses = criterion(out, targets)
+    assert "loss_mask" in losses and "loss_bbox_group1" in losses
+    assert not any(k.startswith(("loss_mask_", "loss_dice_")) for k in losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        evaluated = model.eval()(images, 0.5)
+    assert "group_outputs" not in evaluated and evaluated["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)
+
+
 def test_forward_never_waits_for_the_device():
     model = build(tiny_args())[0].to("meta").train()        # meta stands in for a GPU: no values
     samples = nested_tensor_from_tensor_list([torch.rand(3, 64, 48), torch.rand(3, 50, 64)]).to("meta")

@@ -1,6 +1,7 @@
 """tasks: the one interface detection and classification implement, looked up by --task."""
 import argparse
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def test_no_flag_belongs_to_two_tasks_and_every_own_flag_exists():
     (["--eval_size", "64"], "--eval_size"),
     (["--hidden_dim", "64"], "--hidden_dim"),
     (["--compile"], "--compile"),
+    (["--query_groups", "2"], "--query_groups"),
+    (["--mosaic", "0.5"], "--mosaic"),
 ])
 def test_a_detection_flag_is_refused_by_classification_in_one_line(classification_root, capsys, extra, flag):
     code, _, err = _run(TINY_CLASSIFICATION_FLAGS + ["--data_path", classification_root, "--eval"] + extra, capsys)
@@ -58,6 +61,22 @@ def test_a_detection_flag_is_refused_by_classification_in_one_line(classificatio
 def test_a_classification_flag_is_refused_by_detection_in_one_line(tiny_flags, capsys, extra, flag):
     code, _, err = _run(tiny_flags + ["--eval"] + extra, capsys)
     assert_one_line_error(code, err, flag, "is a classification flag", "--task detection")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--query_groups", "0"], "--query_groups must be 1 (off) or more"),
+    (["--query_groups", "2", "--masks", "--frozen_weights", "detr.pth"], "--frozen_weights freezes the detector"),
+    (["--mosaic", "1.5"], "--mosaic is a probability"),
+    (["--mosaic", "-0.1"], "--mosaic is a probability"),
+    (["--mosaic", "0.5", "--masks"], "drop --mosaic with --masks"),
+])
+def test_bad_training_accelerator_flags_are_named(extra, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        check_task_flags(get_task("detection"), main.parse_args(extra))
+
+
+def test_training_accelerator_flags_in_range_pass():
+    check_task_flags(get_task("detection"), main.parse_args(["--query_groups", "3", "--mosaic", "1"]))
 
 
 def test_a_flag_set_to_its_default_is_not_refused():

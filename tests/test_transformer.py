@@ -6,7 +6,7 @@ from torch import nn
 
 from models.pnp import PollAndPoolSampler
 from models.transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
-                                TransformerEncoderLayer, build_transformer)
+                                TransformerEncoderLayer, build_transformer, group_attention_mask)
 from util.flags import parse_args
 
 
@@ -82,6 +82,21 @@ def test_mha_self_attention_equals_torch_mha(with_mask):
     with torch.no_grad():
         out = ours(x, x, value, key_padding_mask=mask)
         ref = theirs(x, x, value, key_padding_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+
+
+def test_mha_attn_mask_with_key_padding_equals_torch_mha():
+    torch.manual_seed(0)
+    ours = _randomize(MultiheadAttention(D, HEADS)).eval()
+    theirs = _torch_mha(ours)
+    query, key, value = torch.randn(2, 4, D), torch.randn(2, 5, D), torch.randn(2, 5, D)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 4] = True
+    allowed = torch.rand(4, 5, generator=torch.Generator().manual_seed(1)) > 0.4
+    allowed[:, 0] = True  # every query keeps a key
+    with torch.no_grad():
+        out = ours(query, key, value, key_padding_mask=padding, attn_mask=allowed)
+        ref = theirs(query, key, value, key_padding_mask=padding, attn_mask=~allowed, need_weights=False)[0]
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
 
 
@@ -257,6 +272,41 @@ def test_transformer_with_sampler_encodes_fine_plus_coarse_tokens():
     assert hs.shape == (2, 2, 5, D)
     assert memory.shape == (2, 6 + 3, D)  # int(12 * 0.5) fine + 3 coarse
     assert sampled.tokens.shape == (2, 9, D)
+
+
+def test_group_attention_mask_is_block_diagonal():
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0],
+                             [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(group_attention_mask(2, 3, torch.device("cpu")), expected)
+
+
+def _grouped_hs(model, query, groups):
+    src, mask, _, pos = _inputs()
+    with torch.no_grad():
+        return model(src, mask, query, pos, query_groups=groups)[0]
+
+
+@pytest.mark.parametrize("changed,kept", [(slice(5, 10), slice(0, 5)), (slice(0, 5), slice(5, 10))])
+def test_a_query_group_never_sees_another_groups_queries(changed, kept):
+    model = _transformer().train()  # dropout 0.1: seeded alike for both passes
+    query = torch.randn(10, D, generator=torch.Generator().manual_seed(7))
+    other = query.clone()
+    other[changed] += 1.0
+    torch.manual_seed(0)
+    hs = _grouped_hs(model, query, 2)
+    torch.manual_seed(0)
+    hs_other = _grouped_hs(model, other, 2)
+    torch.testing.assert_close(hs_other[:, :, kept], hs[:, :, kept], atol=ATOL, rtol=ATOL)
+    assert not torch.allclose(hs_other[:, :, changed], hs[:, :, changed], atol=1e-3)
+
+
+def test_queries_of_one_group_see_each_other():
+    model = _transformer()
+    query = torch.randn(10, D, generator=torch.Generator().manual_seed(7))
+    other = query.clone()
+    other[5:] += 1.0
+    hs, hs_other = _grouped_hs(model, query, 1), _grouped_hs(model, other, 1)
+    assert not torch.allclose(hs_other[:, :, :5], hs[:, :, :5], atol=1e-3), "one group: every query attends to all"
 
 
 def test_encoder_inputs_are_every_position_or_the_samplers_tokens():

@@ -17,6 +17,7 @@ from util.errors import UserError
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 SAMPLER_PREFIX = "transformer.sampler."
+EXTRA_QUERIES_KEY = "extra_query_embed.weight"  # Group DETR's training-only query groups (--query_groups)
 
 # The published DETR checkpoints, by name: ``--finetune detr_r50`` (or ``--resume``, ``predict.py
 # --checkpoint``) downloads the file because the command names it.
@@ -65,12 +66,14 @@ DEFAULT_ADVICE = "check --backbone, --hidden_dim, --enc_layers/--dec_layers, --n
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                        built_from: str = "the flags", advice: str = DEFAULT_ADVICE,
                        sampler_prefix: str = SAMPLER_PREFIX, head_prefix: str = "class_embed.") -> list[str]:
-    """Load ``state_dict`` into ``model`` with strict key matching, up to two allowed gaps.
+    """Load ``state_dict`` into ``model`` with strict key matching, up to three allowed gaps.
 
     * ``transformer.sampler.*`` (``sampler_prefix``) absent from the checkpoint (a DETR checkpoint
       loaded into a PnP-DETR, a ViT's into a PnP-ViT): the sampler keeps its fresh initialisation.
     * ``class_embed.*`` (``head_prefix``: the class logits) of another shape (fine-tuning on
       another class set): not loaded.
+    * ``extra_query_embed.weight`` (Group DETR's extra query groups, which only training runs):
+      dropped when the model has none, kept fresh when the checkpoint has none or another number.
 
     Returns the notes to print about those gaps. Anything else that does not fit raises a
     ``UserError`` naming the checkpoint and the keys, in one line, saying what the model was
@@ -87,11 +90,20 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
                      f"the model {own[bias].shape[0]}: {head} starts fresh")
         for k in resized:
             del state_dict[k]
+    dropped_groups = [k for k in state_dict if k.endswith(EXTRA_QUERIES_KEY)
+                      and (k not in own or state_dict[k].shape != own[k].shape)]
+    if any(k not in own for k in dropped_groups):
+        notes.append(f"{source}: the extra query groups of Group DETR (training only) are not in the model: dropped")
+    for k in dropped_groups:
+        del state_dict[k]
+    fresh_groups = [k for k in own if k.endswith(EXTRA_QUERIES_KEY) and k not in state_dict]
+    if fresh_groups:
+        notes.append(f"{source}: no extra query groups of the model's --query_groups: they start fresh")
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
                   if k in own and v.shape != own[k].shape]
     # BatchNorm2d and FrozenBatchNorm2d hold the same statistics but for this counter.
     unexpected = sorted(k for k in state_dict if k not in own and not k.endswith("num_batches_tracked"))
-    missing = sorted(k for k in own if k not in state_dict and k not in resized
+    missing = sorted(k for k in own if k not in state_dict and k not in resized and k not in fresh_groups
                      and not k.endswith("num_batches_tracked"))
     sampler_missing = [k for k in missing if k.startswith(sampler_prefix)]
     missing = [k for k in missing if not k.startswith(sampler_prefix)]

@@ -140,6 +140,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bbox_loss_coef", default=5, type=float, help="box L1 loss weight")
     g.add_argument("--giou_loss_coef", default=2, type=float, help="GIoU loss weight")
     g.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
+    g = p.add_argument_group("training accelerators (detection; training only: evaluation, predict.py and "
+                             "exported models run the model as without them)")
+    g.add_argument("--query_groups", default=1, type=int,
+                   help="Group DETR: training runs K groups of --num_queries queries, each matched one-to-one to "
+                        "the targets on its own, attending only within its group, the loss summed over groups; "
+                        "evaluation runs group 0 alone (1: off)")
+    g.add_argument("--mosaic", default=0.0, type=float,
+                   help="probability that a training image is replaced by a 2x2 mosaic of four training images, "
+                        "each at half its size: more objects per image for one-to-one matching (0: off; not "
+                        "with --masks)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_file", default="coco",
                    help="dataset kind: coco (any COCO-format detection dataset) or coco_panoptic (COCO panoptic)")
