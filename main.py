@@ -151,6 +151,18 @@ def build_loaders(args: argparse.Namespace, dataset_train: Optional[Dataset], da
     return loader_train, loader_val
 
 
+def freeze_all_but(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """``--trainable``: only the parameters whose names start with one of ``prefixes`` train."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            raise UserError(f"--trainable {prefix}: no parameter of the model starts with it "
+                            f"(e.g. {', '.join(sorted({n.split('.')[0] for n in names}))})")
+    for name, param in model.named_parameters():
+        if not name.startswith(tuple(prefixes)):
+            param.requires_grad_(False)
+
+
 def lr_scale(args: argparse.Namespace) -> float:
     """The factor ``--lr_base_batch`` applies to the lrs: the run's total batch over it (1 when 0)."""
     if args.lr_base_batch <= 0:
@@ -235,6 +247,8 @@ def main(args: argparse.Namespace) -> None:
     loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
 
     model, criterion, postprocessors = task.build_model(args, dataset_val)
+    if args.trainable:
+        freeze_all_but(model, args.trainable)
     fast_path(model.to(device), channels_last=not args.no_channels_last)
     criterion.to(device)
     if args.compile:  # in place: the state_dict keys stay those of the eager model

@@ -431,3 +431,20 @@ def test_repeated_aug_in_one_process_trains_on_every_image_and_warns(classificat
     loader_train, _ = main.build_loaders(args, *main.build_datasets(args))
     assert isinstance(loader_train.batch_sampler.sampler, torch.utils.data.RandomSampler)
     assert "--repeated_aug" in capsys.readouterr().out
+
+
+def test_trainable_trains_only_the_named_parameters(trained, tiny_flags, tmp_path, capsys):
+    source, _ = trained
+    out = tmp_path / "sampler_only"
+    code, _, err = _run(tiny_flags + ["--finetune", str(source / "checkpoint.pth"), "--trainable", "transformer.sampler",
+                                      "--output_dir", str(out), "--epochs", "1", "--eval_every", "0"], capsys)
+    assert code == 0, err
+    tuned = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    original = torch.load(source / "checkpoint.pth", weights_only=True)["model"]
+    changed = {k for k, v in original.items() if v.is_floating_point() and "running" not in k and not torch.equal(v, tuned[k])}
+    assert changed and all(k.startswith("transformer.sampler.") for k in changed)
+
+
+def test_trainable_prefix_that_names_nothing_is_named(tiny_flags, capsys):
+    code, _, err = _run(tiny_flags + ["--trainable", "transfomer.sampler", "--epochs", "1"], capsys)
+    assert_one_line_error(code, err, "--trainable transfomer.sampler", "backbone")

@@ -37,6 +37,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", default=1e-4, type=float, help="AdamW weight decay")
     g.add_argument("--epochs", default=300, type=int, help="number of training epochs")
     g.add_argument("--lr_drop", default=200, type=int, help="epoch at which the lr drops 10x")
+    g.add_argument("--trainable", default=None, nargs="+", metavar="PREFIX",
+                   help="train only the parameters whose names start with these prefixes (e.g. transformer.sampler "
+                        "to fit a retrofitted sampler to a frozen DETR; sampler for PnP-ViT); default: all")
     g.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     g.add_argument("--lr_schedule", default="step", choices=("step", "cosine"),
                    help="step: lr x0.1 at --lr_drop; cosine: timm's cosine decay to --min_lr after "
