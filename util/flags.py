@@ -179,7 +179,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda when available)")
     g.add_argument("--seed", default=42, type=int, help="random seed (each epoch and process derives its own)")
-    g.add_argument("--resume", default="", help="checkpoint path or URL to resume or evaluate")
+    g.add_argument("--resume", default="",
+                   help="checkpoint path, URL or published name (see --finetune) to resume or evaluate")
     g.add_argument("--finetune", default="", metavar="PATH_OR_URL",
                    help="start a new run from this checkpoint's model weights (a main.py checkpoint, a URL, or "
                         "detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5: DETR's published ones, downloaded), "
