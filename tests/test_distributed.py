@@ -109,8 +109,11 @@ def test_distributed_ap_equals_the_single_process_ap_of_the_checkpoint(ddp_run, 
 
 def test_two_nodes_on_loopback_train_as_two_local_processes(ddp_run, flags, tmp_path):
     port = str(_free_port())
-    nodes = [_torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-                        f"--master_port={port}"], flags + ["--output_dir", str(tmp_path)])
+    # c10d rendezvous: with the static one (--master_addr/--master_port) node 0's torchrun
+    # sometimes did not exit after its worker had finished training (about one run in seven).
+    nodes = [_torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two_nodes"],
+                       flags + ["--output_dir", str(tmp_path)])
              for rank in (0, 1)]
     outputs = [_finish(node) for node in nodes]
     assert "Epoch: [15] [2/2]" in outputs[0]
