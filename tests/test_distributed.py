@@ -110,7 +110,7 @@ def test_distributed_ap_equals_the_single_process_ap_of_the_checkpoint(ddp_run, 
 def test_two_nodes_on_loopback_train_as_two_local_processes(ddp_run, flags, tmp_path):
     port = str(_free_port())
     # c10d rendezvous: with the static one (--master_addr/--master_port) node 0's torchrun
-    # sometimes did not exit after its worker had finished training (about one run in seven).
+    # sometimes did not exit after its worker had finished training (2 runs in 11 here).
     nodes = [_torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--rdzv-backend=c10d",
                         f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two_nodes"],
                        flags + ["--output_dir", str(tmp_path)])
