@@ -169,18 +169,17 @@ def test_annotation_file_missing(tmp_path):
     assert_one_line_error(excinfo, os.path.join(str(tmp_path), "annotations", "instances_val2017.json"))
 
 
-def test_malformed_json(tmp_path):
-    img_folder, ann_file = write_dataset(str(tmp_path), raw_json='{"images": [\n  {"id": 1,,}\n')
+@pytest.mark.parametrize("raw_json,needles", [
+    ('{"images": [\n  {"id": 1,,}\n', ["not valid JSON", "line 2"]),  # malformed
+    ("[1, 2]", ["images"]),  # not an object
+    ("", ["empty (0 bytes)", "'images'"]),
+    ("{}", ["no list 'images'"]),
+])
+def test_unusable_annotation_file_is_named_in_one_line(tmp_path, raw_json, needles):
+    img_folder, ann_file = write_dataset(str(tmp_path), raw_json=raw_json)
     with pytest.raises(UserError) as excinfo:
         CocoDetection(img_folder, ann_file, None)
-    assert_one_line_error(excinfo, ann_file, "not valid JSON", "line 2")
-
-
-def test_json_that_is_not_an_object(tmp_path):
-    img_folder, ann_file = write_dataset(str(tmp_path), raw_json="[1, 2]")
-    with pytest.raises(UserError) as excinfo:
-        CocoDetection(img_folder, ann_file, None)
-    assert_one_line_error(excinfo, ann_file, "images")
+    assert_one_line_error(excinfo, ann_file, *needles)
 
 
 def test_image_entry_missing_field(tmp_path):
@@ -283,20 +282,6 @@ def test_split_flags_refused_for_coco_panoptic(tmp_path):
     with pytest.raises(UserError) as excinfo:
         build_dataset("val", args)
     assert_one_line_error(excinfo, "--val_images", "--dataset_file coco")
-
-
-def test_empty_annotation_file(tmp_path):
-    img_folder, ann_file = write_dataset(str(tmp_path), raw_json="")
-    with pytest.raises(UserError) as excinfo:
-        CocoDetection(img_folder, ann_file, None)
-    assert_one_line_error(excinfo, ann_file, "empty (0 bytes)", "'images'")
-
-
-def test_annotation_file_without_images(tmp_path):
-    img_folder, ann_file = write_dataset(str(tmp_path), raw_json="{}")
-    with pytest.raises(UserError) as excinfo:
-        CocoDetection(img_folder, ann_file, None)
-    assert_one_line_error(excinfo, ann_file, "no list 'images'")
 
 
 def test_annotation_file_with_empty_images(tmp_path):
