@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import clip_boxes_to_image
 
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import SPLIT_FLAGS, build_dataset, get_coco_api_from_dataset
 from datasets.coco import box_target, read_image
 from datasets.coco_eval import STAT_NAMES, to_coco_results
 from datasets.panoptic_eval import panoptic_row
@@ -46,8 +46,7 @@ class DetectionTask(Task):
         "num_queries", "pre_norm", "pos_embed_kproj", "no_aux_loss", "set_cost_class", "set_cost_bbox",
         "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
         "dataset_file", "coco_path", "coco_panoptic_path", "eval_size", "augment", "compile", "channels_last",
-        "lr_backbone", "train_images", "train_annotations", "val_images", "val_annotations", "query_groups",
-        "mosaic",
+        "lr_backbone", *SPLIT_FLAGS, "query_groups", "mosaic",
     )
     head_prefix = "class_embed."
     sampler_prefix = SAMPLER_PREFIX
@@ -68,7 +67,7 @@ class DetectionTask(Task):
     def complete_args(self, args: argparse.Namespace) -> None:
         """The split flags as absolute paths, so that predict.py finds the category names from
         anywhere."""
-        for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+        for key in SPLIT_FLAGS:
             if getattr(args, key):
                 setattr(args, key, os.path.abspath(getattr(args, key)))
 
