@@ -52,7 +52,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     rng: Optional[random.Random] = None,
                     batch_transform: Optional[BatchTransform] = None,
                     before_step: Optional[Callable[[int], None]] = None,
-                    upper_prob: float = 0.0) -> dict[str, float]:
+                    upper_prob: float = 0.0, model_takes_targets: bool = False) -> dict[str, float]:
     """Train for one pass over ``data_loader``; returns the epoch averages of the logged values
     and ``images_per_s``, this process's training speed over the epoch (data loading included).
 
@@ -64,7 +64,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     (each process has its own draws): ``upper`` itself with probability ``upper_prob``, else
     ``Uniform(lower, upper)`` (``draw_ratio``).
     ``before_step(step)``, if given, runs before each optimiser step ``step`` of the epoch (a
-    per-iteration lr schedule).
+    per-iteration lr schedule). With ``model_takes_targets`` the model is called as
+    ``model(samples, ratio, targets)`` (the detector's denoising queries are made from them).
     """
     model.train()
     criterion.train()
@@ -80,7 +81,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             samples, targets = batch_transform(samples, targets)
         ratio = draw_ratio(rng, *ratio_bounds, upper_prob) if ratio_bounds is not None else None
         with _autocast(device, amp):
-            outputs = model(samples, ratio)
+            outputs = model(samples, ratio, targets) if model_takes_targets else model(samples, ratio)
         loss_dict = criterion(outputs, targets)
         loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 

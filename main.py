@@ -316,7 +316,8 @@ def main(args: argparse.Namespace) -> None:
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
                                           args.clip_max_norm, ratio_bounds, args.amp, args.print_freq,
                                           rng=random.Random(epoch_seed(args, epoch)), batch_transform=mix,
-                                          before_step=before_step, upper_prob=args.sample_ratio_upper_prob)
+                                          before_step=before_step, upper_prob=args.sample_ratio_upper_prob,
+                                          model_takes_targets=task.model_takes_targets)
         except NonFiniteLossError as err:
             kept = output_dir / "checkpoint.pth" if output_dir is not None else None
             where = f"; the last good checkpoint is {kept}" if kept is not None and kept.exists() else ""

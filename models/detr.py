@@ -5,6 +5,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from util.errors import UserError
@@ -12,6 +13,7 @@ from util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialize
 
 from .backbone import Joiner, build_backbone, unpadded_positions
 from .matcher import HungarianMatcher, build_matcher
+from .denoising import Denoising, DenoisingQueries
 from .pnp import SampledTokens
 from .transformer import Transformer, build_transformer
 
@@ -67,10 +69,15 @@ class DETR(nn.Module):
     ``group_outputs``, the G - 1 extra groups' predictions (each a dict of ``pred_logits``,
     ``pred_boxes`` and ``aux_outputs``); in eval mode only ``query_embed`` runs, exactly as in a
     model built without groups.
+
+    With ``denoising`` (DN-DETR, ``--dn_groups``, ``models.denoising``) and ``targets`` given in
+    training mode, the decoder also runs denoising queries made from the targets' noised boxes,
+    and the output holds ``dn_outputs``: their ``pred_logits``, ``pred_boxes``, ``aux_outputs``
+    and the ``Denoising`` they reconstruct. Eval mode and calls without targets run as without.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, query_groups: int = 1):
+                 aux_loss: bool = False, query_groups: int = 1, denoising: Optional[DenoisingQueries] = None):
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -84,6 +91,7 @@ class DETR(nn.Module):
         self.query_groups = query_groups
         self.extra_query_embed = (nn.Embedding((query_groups - 1) * num_queries, hidden_dim)
                                   if query_groups > 1 else None)
+        self.denoising = denoising
 
     @property
     def uses_pnp(self) -> bool:
@@ -105,11 +113,19 @@ class DETR(nn.Module):
             return torch.cat([self.query_embed.weight, self.extra_query_embed.weight]), self.query_groups
         return self.query_embed.weight, 1
 
-    def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
+    def denoising_queries(self, targets: Optional[list[dict[str, Tensor]]]) -> Optional[Denoising]:
+        """The denoising queries of ``targets`` in training mode with ``--dn_groups``, else None."""
+        if self.training and self.denoising is not None and targets is not None:
+            return self.denoising(targets)
+        return None
+
+    def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None,
+                targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
         queries, groups = self.decoder_queries()
+        denoising = self.denoising_queries(targets)
         hs, _, sampled = self.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
-                                          features.num_valid, groups)
-        return self.detection_outputs(hs, sampled)
+                                          features.num_valid, groups, denoising)
+        return self.detection_outputs(hs, sampled, denoising)
 
     def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
         """Predictions of one query group from its ``(layers, B, Q, ...)`` logits and boxes."""
@@ -118,24 +134,31 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens]) -> dict[str, Any]:
-        """The output dict of ``forward`` from the decoder outputs ``hs (layers, B, G * Q, C)`` of
-        G query groups: group 0's predictions, and the others' as ``group_outputs`` when G > 1."""
+    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens],
+                          denoising: Optional[Denoising] = None) -> dict[str, Any]:
+        """The output dict of ``forward`` from the decoder outputs ``hs (layers, B, G * Q [+ D], C)``
+        of G query groups (and D denoising queries): group 0's predictions, the others' as
+        ``group_outputs`` when G > 1, the denoising queries' as ``dn_outputs``."""
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
+        num_matching = hs.shape[2] - (0 if denoising is None else denoising.labels.shape[1])
         groups = [self._layer_outputs(group_logits, group_boxes) for group_logits, group_boxes
-                  in zip(logits.split(self.num_queries, dim=2), boxes.split(self.num_queries, dim=2))]
+                  in zip(logits[:, :, :num_matching].split(self.num_queries, dim=2),
+                         boxes[:, :, :num_matching].split(self.num_queries, dim=2))]
         out = groups[0]
         if len(groups) > 1:
             out["group_outputs"] = groups[1:]
+        if denoising is not None:
+            out["dn_outputs"] = {**self._layer_outputs(logits[:, :, num_matching:], boxes[:, :, num_matching:]),
+                                 "denoising": denoising}
         if sampled is not None:
             out["sample_reg_loss"] = sampled.sample_reg_loss
             out["sampled"] = sampled
         return out
 
-    def forward(self, samples: NestedTensor | Tensor | list[Tensor],
-                sample_ratio: Optional[float] = None) -> dict[str, Any]:
-        return self.predict(self.extract_features(samples), sample_ratio)
+    def forward(self, samples: NestedTensor | Tensor | list[Tensor], sample_ratio: Optional[float] = None,
+                targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
+        return self.predict(self.extract_features(samples), sample_ratio, targets)
 
 
 class SetCriterion(nn.Module):
@@ -148,7 +171,8 @@ class SetCriterion(nn.Module):
     sampler's ``sample_reg_loss`` is passed through. Each extra query group of
     ``outputs["group_outputs"]`` (Group DETR) is matched one-to-one to the targets on its own and
     adds its weighted terms with suffix ``_group{g}`` (``loss_ce_group1``, ``loss_bbox_0_group1``
-    ...), normalised by the same box count. ``weight_dict`` says how each term
+    ...), normalised by the same box count. Denoising queries (DN-DETR, ``outputs["dn_outputs"]``)
+    add ``loss_denoising``'s terms. ``weight_dict`` says how each term
     enters the total loss. Everything is computed in float32.
 
     On a GPU the matcher's solver reads the cost matrix on the host; nothing else here waits
@@ -203,6 +227,21 @@ class SetCriterion(nn.Module):
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target)))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
+    @staticmethod
+    def loss_denoising(outputs: dict, denoising: Denoising, num_boxes: Tensor, suffix: str = "") -> dict[str, Tensor]:
+        """DN-DETR's reconstruction terms ``loss_ce_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` (with
+        ``suffix`` before ``_dn``): each denoising query against the box it was noised from,
+        padding slots weighted 0, every term summed and divided by ``num_boxes`` times the number
+        of groups (so that, like the others, it averages over processes as over one batch)."""
+        valid = denoising.valid.float()
+        norm = num_boxes * denoising.groups
+        ce = F.cross_entropy(outputs["pred_logits"].float().transpose(1, 2), denoising.labels, reduction="none")
+        pred, target = outputs["pred_boxes"].float(), denoising.boxes.float()
+        l1 = F.l1_loss(pred, target, reduction="none").sum(-1)
+        giou = generalized_box_iou_loss(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target), reduction="none")
+        return {f"loss_ce{suffix}_dn": (ce * valid).sum() / norm, f"loss_bbox{suffix}_dn": (l1 * valid).sum() / norm,
+                f"loss_giou{suffix}_dn": (giou * valid).sum() / norm}
+
     def _losses_for(self, outputs: dict, targets: list[dict], num_boxes: Tensor, suffix: str = "") -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
         indices = [(src.to(device, non_blocking=True), tgt.to(device, non_blocking=True))
@@ -241,6 +280,11 @@ class SetCriterion(nn.Module):
         for g, group in enumerate(outputs.get("group_outputs", []), start=1):
             group_losses = self._set_losses(group, targets, num_boxes, suffix=f"_group{g}")
             losses.update({k: v for k, v in group_losses.items() if k in self.weight_dict})
+        if "dn_outputs" in outputs:
+            dn_outputs = outputs["dn_outputs"]
+            losses.update(self.loss_denoising(dn_outputs, dn_outputs["denoising"], num_boxes))
+            for i, aux in enumerate(dn_outputs.get("aux_outputs", [])):
+                losses.update(self.loss_denoising(aux, dn_outputs["denoising"], num_boxes, suffix=f"_{i}"))
         if "sample_reg_loss" in outputs:
             losses["sample_reg_loss"] = outputs["sample_reg_loss"].float()
         return losses
@@ -268,8 +312,12 @@ def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     """
     if args.num_classes is None or args.num_classes < 1:
         raise UserError(f"--num_classes: expected a positive class count, got {args.num_classes}")
+    dn_groups = getattr(args, "dn_groups", 0)  # 0: args stored before the flag
+    denoising = (DenoisingQueries(args.num_classes, args.hidden_dim, dn_groups, args.dn_label_noise, args.dn_box_noise)
+                 if dn_groups > 0 else None)
     model = DETR(build_backbone(args), build_transformer(args), num_classes=args.num_classes,
-                 num_queries=args.num_queries, aux_loss=not args.no_aux_loss, query_groups=args.query_groups)
+                 num_queries=args.num_queries, aux_loss=not args.no_aux_loss, query_groups=args.query_groups,
+                 denoising=denoising)
 
     weight_dict = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if not args.no_aux_loss:
@@ -278,6 +326,8 @@ def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     one_group = dict(weight_dict)
     for g in range(1, args.query_groups):
         weight_dict.update({f"{k}_group{g}": v for k, v in one_group.items()})
+    if denoising is not None:
+        weight_dict.update({f"{k}_dn": v for k, v in one_group.items()})
     if model.uses_pnp:
         weight_dict["sample_reg_loss"] = args.sample_reg_loss
     criterion = SetCriterion(args.num_classes, build_matcher(args), weight_dict, args.eos_coef,

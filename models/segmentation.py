@@ -178,7 +178,7 @@ class DETRsegm(nn.Module):
     """A detector plus ``bbox_attention`` and ``mask_head``: adds ``pred_masks (B, Q, H/4, W/4)``.
 
     The masks are those of the detector's query group 0: with ``--query_groups`` the extra
-    groups of training get box and class losses only.
+    groups of training, and with ``--dn_groups`` the denoising queries, get box and class losses only.
 
     The mask head reads backbone stages 3, 2, 1 (C4, C3, C2), or 2, 1 when the backbone ends
     at stage 2, so the backbone must return its intermediate stages (built with ``--masks``).
@@ -229,20 +229,23 @@ class DETRsegm(nn.Module):
             return memory.transpose(1, 2).reshape(batch, channels, height, width)
         return self.grid_memory(memory, sampled, features.src, features.mask)
 
-    def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None) -> dict[str, Any]:
+    def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None,
+                targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
         detr = self.detr
         queries, groups = detr.decoder_queries()
+        denoising = detr.denoising_queries(targets)
         hs, memory, sampled = detr.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
-                                               features.num_valid, groups)
-        out = detr.detection_outputs(hs, sampled)
+                                               features.num_valid, groups, denoising)
+        out = detr.detection_outputs(hs, sampled, denoising)
         grid = self.memory_grid(memory, sampled, features)
         bbox_mask = self.bbox_attention(hs[-1, :, :detr.num_queries], grid, features.mask)
         fpns = [features.stages[stage - 1].tensors for stage in self.fpn_stages]
         out["pred_masks"] = self.mask_head(features.src, bbox_mask, fpns)
         return out
 
-    def forward(self, samples: Any, sample_ratio: Optional[float] = None) -> dict[str, Any]:
-        return self.predict(self.extract_features(samples), sample_ratio)
+    def forward(self, samples: Any, sample_ratio: Optional[float] = None,
+                targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
+        return self.predict(self.extract_features(samples), sample_ratio, targets)
 
 
 def upsample_masks(masks: Tensor, height: int, width: int) -> Tensor:

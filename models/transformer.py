@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .denoising import Denoising
 from .pnp import PollAndPoolSampler, SampledTokens
 
 
@@ -179,14 +180,15 @@ class TransformerDecoder(nn.Module):
 class Transformer(nn.Module):
     """Encoder over the image tokens (all positions, or the sampler's), decoder over queries.
 
-    ``forward(src, mask, query_embed, pos_embed, sample_ratio, num_valid, query_groups)`` with src/pos
+    ``forward(src, mask, query_embed, pos_embed, sample_ratio, num_valid, query_groups, denoising)`` with src/pos
     ``(B, C, H, W)``, mask ``(B, H, W)``, query_embed ``(Q, C)`` and optionally ``num_valid``, the
     sampler's host counts of unpadded positions (``PollAndPoolSampler.forward``), returns
     ``(hs, memory, sampled)``: decoder outputs ``(num_dec_layers or 1, B, Q, C)``, encoder memory
     ``(B, T, C)`` with T = H*W or N + M, and the sampler's ``SampledTokens`` (None without a sampler).
     With ``query_groups`` G > 1 the Q queries are G consecutive groups of equal size (Group DETR)
     and the decoder's self-attention stays within each group (``group_attention_mask``); all
-    groups cross-attend to the same memory.
+    groups cross-attend to the same memory. With ``denoising`` (DN-DETR, ``models.denoising``) its
+    D queries run after the Q others (``hs`` then holds Q + D) under ``denoising_attention_mask``.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
@@ -221,15 +223,22 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 sample_ratio: Optional[float] = None, num_valid: Optional[Tensor] = None,
-                query_groups: int = 1) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
+                query_groups: int = 1, denoising: Optional[Denoising] = None
+                ) -> tuple[Tensor, Tensor, Optional[SampledTokens]]:
         tokens, pos, key_padding_mask, sampled = self.encoder_inputs(src, mask, pos_embed, sample_ratio, num_valid)
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
+        tgt = torch.zeros_like(query_pos)
         self_attn_mask = None
         if query_groups > 1:
             self_attn_mask = group_attention_mask(query_embed.shape[0] // query_groups, query_groups,
                                                   query_embed.device)
+        if denoising is not None:
+            self_attn_mask = denoising_attention_mask(self_attn_mask, query_embed.shape[0], denoising.group_size,
+                                                      denoising.groups, query_embed.device)
+            query_pos = torch.cat([query_pos, denoising.pos.to(query_pos.dtype)], dim=1)
+            tgt = torch.cat([tgt, denoising.content.to(tgt.dtype)], dim=1)
         memory = self.encoder(tokens, key_padding_mask, pos)
-        hs = self.decoder(torch.zeros_like(query_pos), memory, key_padding_mask, pos, query_pos, self_attn_mask)
+        hs = self.decoder(tgt, memory, key_padding_mask, pos, query_pos, self_attn_mask)
         return hs, memory, sampled
 
 
@@ -238,6 +247,20 @@ def group_attention_mask(group_size: int, groups: int, device: torch.device) -> 
     of ``groups`` consecutive groups of ``group_size`` queries."""
     group = torch.arange(group_size * groups, device=device) // group_size
     return group[:, None] == group[None, :]
+
+
+def denoising_attention_mask(matching_mask: Optional[Tensor], num_matching: int, group_size: int, groups: int,
+                             device: torch.device) -> Tensor:
+    """``(Q + K * S, Q + K * S)`` bool, True where query i may attend to query j, for Q matching
+    queries (attending as ``matching_mask`` says, None: to each other) followed by K groups of S
+    denoising queries (DN-DETR): the matching queries never see a denoising query, and each
+    denoising group sees itself and the matching queries."""
+    total = num_matching + group_size * groups
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
+    allowed[:num_matching, :num_matching] = True if matching_mask is None else matching_mask
+    allowed[num_matching:, :num_matching] = True
+    allowed[num_matching:, num_matching:] = group_attention_mask(group_size, groups, device)
+    return allowed
 
 
 def _activation(name: str) -> nn.Module:

@@ -43,6 +43,7 @@ class Task(ABC):
     own_flags: tuple[str, ...]  # flags (argparse dests) that only this task reads
     head_prefix: str  # state_dict prefix of the class logits (replaced when fine-tuning to other classes)
     sampler_prefix: str  # state_dict prefix of the poll-and-pool sampler
+    model_takes_targets: bool = False  # training calls model(samples, ratio, targets), not model(samples, ratio)
 
     def display_name(self, uses_pnp: bool) -> str:
         return f"PnP-{self.model_name}" if uses_pnp else self.model_name

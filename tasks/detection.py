@@ -46,10 +46,11 @@ class DetectionTask(Task):
         "num_queries", "pre_norm", "pos_embed_kproj", "no_aux_loss", "set_cost_class", "set_cost_bbox",
         "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
         "dataset_file", "coco_path", "coco_panoptic_path", "eval_size", "augment", "compile", "channels_last",
-        "lr_backbone", *SPLIT_FLAGS, "query_groups", "mosaic",
+        "lr_backbone", *SPLIT_FLAGS, "query_groups", "mosaic", "dn_groups", "dn_label_noise", "dn_box_noise",
     )
     head_prefix = "class_embed."
     sampler_prefix = SAMPLER_PREFIX
+    model_takes_targets = True  # the denoising queries (--dn_groups) are made from the targets
 
     def check_args(self, args: argparse.Namespace) -> None:
         if args.frozen_weights is not None and not args.masks:
@@ -59,6 +60,18 @@ class DetectionTask(Task):
         if args.query_groups > 1 and args.frozen_weights is not None:
             raise UserError("--query_groups trains the detector's queries; --frozen_weights freezes the detector: "
                             "drop --query_groups")
+        if args.dn_groups < 0:
+            raise UserError(f"--dn_groups must be 0 (off) or more groups of denoising queries, got {args.dn_groups}")
+        if args.dn_groups > 0 and args.frozen_weights is not None:
+            raise UserError("--dn_groups trains the detector's decoder; --frozen_weights freezes the detector: "
+                            "drop --dn_groups")
+        if args.dn_groups > 0 and args.hidden_dim % 8:
+            raise UserError(f"--dn_groups embeds each box coordinate in hidden_dim / 4 sines and cosines: "
+                            f"--hidden_dim must be divisible by 8, got {args.hidden_dim}")
+        if not 0 <= args.dn_label_noise <= 1:
+            raise UserError(f"--dn_label_noise is a probability: expected a value in [0, 1], got {args.dn_label_noise}")
+        if args.dn_box_noise < 0:
+            raise UserError(f"--dn_box_noise must be at least 0, got {args.dn_box_noise}")
         if not 0 <= args.mosaic <= 1:
             raise UserError(f"--mosaic is a probability: expected a value in [0, 1], got {args.mosaic}")
         if args.mosaic > 0 and args.masks:

@@ -125,6 +125,27 @@ def test_model_with_query_groups_keeps_fresh_extra_groups_from_a_checkpoint_with
     assert torch.equal(grouped.query_embed.weight, source.query_embed.weight)
 
 
+def test_checkpoint_with_denoising_queries_loads_into_a_model_without_them_with_a_note():
+    denoised = tiny_model("--dn_groups", "3", seed=1)
+    plain = tiny_model(seed=2)
+    notes = load_model_weights(plain, denoised.state_dict(), "denoised.pth")
+    assert len(notes) == 1 and "denoised.pth" in notes[0] and "denoising queries" in notes[0]
+    assert "dropped" in notes[0] and "\n" not in notes[0]
+    assert not any(k.startswith("denoising.") for k in plain.state_dict())
+    expected, loaded = _eval_outputs(denoised), _eval_outputs(plain)
+    assert torch.equal(loaded["pred_logits"], expected["pred_logits"])
+    assert torch.equal(loaded["pred_boxes"], expected["pred_boxes"])
+
+
+def test_model_with_denoising_queries_keeps_them_fresh_from_a_checkpoint_without():
+    denoised = tiny_model("--dn_groups", "2", seed=2)
+    fresh = {k: v.clone() for k, v in denoised.denoising.state_dict().items()}
+    notes = load_model_weights(denoised, tiny_model(seed=1).state_dict(), "plain.pth")
+    assert len(notes) == 1 and "plain.pth" in notes[0] and "--dn_groups" in notes[0] and "start fresh" in notes[0]
+    for key, value in denoised.denoising.state_dict().items():
+        assert torch.equal(value, fresh[key]), key
+
+
 def test_pnp_checkpoint_into_plain_detr_is_a_user_error():
     with pytest.raises(UserError, match="unexpected transformer.sampler"):
         load_model_weights(tiny_model("--no_pnp"), tiny_model(seed=1).state_dict(), "pnp.pth")

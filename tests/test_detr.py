@@ -557,6 +557,93 @@ def test_grouped_losses_of_images_without_boxes_are_finite_and_reach_every_group
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- DN-DETR (--dn_groups)
+def denoising_build(groups: int, *extra: str, seed: int = 0):
+    """A tiny PnP-DETR with ``groups`` groups of denoising queries and no dropout, in training mode."""
+    model, criterion, postprocessors = tiny_build("--dn_groups", str(groups), "--dropout", "0", *extra, seed=seed)
+    return model.train(), criterion, postprocessors
+
+
+def test_training_with_targets_adds_the_denoising_outputs_and_eval_none():
+    model, _, _ = denoising_build(2)
+    images = torch.stack(_images())
+    out = model(images, 0.5, GROUP_TARGETS)
+    dn = out["dn_outputs"]
+    assert dn["pred_logits"].shape == (2, 2 * 3, NUM_CLASSES + 1) and dn["pred_boxes"].shape == (2, 6, 4)
+    assert len(dn["aux_outputs"]) == 1 and dn["denoising"].groups == 2
+    assert out["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+    assert "dn_outputs" not in model(images, 0.5)
+    with torch.no_grad():
+        assert "dn_outputs" not in model.eval()(images, 0.5, GROUP_TARGETS)
+
+
+@pytest.mark.parametrize("extra", [(), ("--query_groups", "2"), ("--no_pnp",)])
+def test_matching_outputs_in_training_are_those_of_the_model_without_denoising(extra):
+    plain = tiny_build("--dropout", "0", *extra)[0].train()
+    denoised, _, _ = denoising_build(3, *extra, seed=1)
+    notes = load_model_weights(denoised, plain.state_dict(), "plain.pth")
+    assert len(notes) == 1 and "start fresh" in notes[0]
+    images = torch.stack(_images())
+    with torch.no_grad():
+        out, expected = denoised(images, 0.5, GROUP_TARGETS), plain(images, 0.5)
+    _assert_outputs_close(out, expected)
+    for group, expected_group in zip(out.get("group_outputs", []), expected.get("group_outputs", [])):
+        _assert_outputs_close(group, expected_group)
+
+
+def test_denoising_terms_compare_each_query_with_its_own_box_and_ignore_padding():
+    model, criterion, _ = denoising_build(2, "--dn_label_noise", "0", "--dn_box_noise", "0")
+    with torch.no_grad():
+        out = model(torch.stack(_images()), 0.5, GROUP_TARGETS)
+        losses = criterion(out, GROUP_TARGETS)
+    dn = out["dn_outputs"]
+    real = [(0, q) for q in range(6)] + [(1, 0), (1, 3)]
+    norm = 4 * 2                                     # 4 target boxes, 2 groups
+    logits = torch.stack([dn["pred_logits"][b, q] for b, q in real])
+    labels = torch.tensor([1, 2, 3, 1, 2, 3, 4, 4])
+    torch.testing.assert_close(losses["loss_ce_dn"], F.cross_entropy(logits, labels, reduction="sum") / norm)
+    pred = torch.stack([dn["pred_boxes"][b, q] for b, q in real])
+    target = torch.cat([GROUP_TARGETS[0]["boxes"]] * 2 + [GROUP_TARGETS[1]["boxes"]] * 2)
+    torch.testing.assert_close(losses["loss_bbox_dn"], F.l1_loss(pred, target, reduction="sum") / norm)
+    assert {"loss_ce_0_dn", "loss_bbox_0_dn", "loss_giou_0_dn"} <= set(losses)
+    padded = {**dn, "pred_logits": dn["pred_logits"].clone(), "pred_boxes": dn["pred_boxes"].clone()}
+    padded["pred_logits"][1, [1, 2, 4, 5]] += 3.0
+    padded["pred_boxes"][1, [1, 2, 4, 5]] = 0.9
+    again = criterion.loss_denoising(padded, dn["denoising"], torch.tensor(4.0))
+    for name in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn"):
+        torch.testing.assert_close(again[name], losses[name])
+
+
+def test_weight_dict_gives_the_denoising_terms_the_detection_weights():
+    _, criterion, _ = tiny_build("--dn_groups", "2", "--no_aux_loss")
+    assert criterion.weight_dict == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0,
+                                     "loss_ce_dn": 1.0, "loss_bbox_dn": 5.0, "loss_giou_dn": 2.0,
+                                     "sample_reg_loss": 1e-4}
+
+
+@pytest.mark.parametrize("flags", [(), ("--no_pnp",)])
+def test_denoising_losses_of_images_without_boxes_are_finite_and_reach_the_denoising_queries(flags):
+    model, criterion, _ = denoising_build(2, *flags)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    losses = criterion(model(torch.stack(_images()), 0.5, empty), empty)
+    assert losses["loss_bbox_dn"].item() == 0 and losses["loss_ce_dn"].item() == 0
+    total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    assert math.isfinite(total.item())
+    total.backward()
+    for param in model.denoising.parameters():   # in the graph (DDP needs every parameter used), gradient 0
+        assert param.grad is not None and torch.isfinite(param.grad).all()
+
+
+@pytest.mark.parametrize("flag,value", [("--dn_groups", "-1"), ("--dn_label_noise", "1.5"),
+                                        ("--dn_box_noise", "-0.1"), ("--hidden_dim", "36")])
+def test_bad_denoising_flags_are_one_line_errors(flag, value):
+    from tasks import get_task
+    extra = ["--dn_groups", "2"] if flag != "--dn_groups" else []
+    args = tiny_args(*extra, flag, value)
+    with pytest.raises(UserError, match=flag):
+        get_task(args.task).check_args(args)
+
+
 # ----------------------------------------------------------------------------- post-processing
 def test_postprocess_hand_case():
     # Query 0: no-object is the most likely class, class 1 the most likely real class.

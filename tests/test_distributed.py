@@ -213,53 +213,64 @@ def test_classification_on_two_processes_with_repeated_augmentation(classificati
     assert row["top5"] == pytest.approx(log["test_ratio_0.5_acc5"])
 
 
-# ----------------------------------------------------------------------------- Group DETR over ranks
+# ----------------------------------------------------------------------------- accelerators over ranks
 # Boxes per image 3, 1 | 0, 2: the ranks' counts differ, so the loss is right only with the box
 # count averaged over the processes.
 GROUPED_BOXES = [[[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.5, 0.2, 0.2, 0.1]], [[0.5, 0.5, 0.4, 0.4]],
                  [], [[0.2, 0.7, 0.2, 0.3], [0.7, 0.3, 0.4, 0.2]]]
+# Boxes per image 2, 1 | 0, 2: the counts differ too, but both ranks pad their denoising groups to 2
+# queries as the whole batch does (a padding slot is attended to, so more of it would change the rest).
+DENOISING_BOXES = [GROUPED_BOXES[0][:2], GROUPED_BOXES[1], [], GROUPED_BOXES[3]]
+ACCELERATORS = {
+    "query_groups": (["--query_groups", "2"], GROUPED_BOXES, {"loss_bbox_group1", "loss_giou_0_group1"}),
+    "denoising": (["--dn_groups", "2", "--dn_label_noise", "0", "--dn_box_noise", "0"], DENOISING_BOXES,
+                  {"loss_ce_dn", "loss_bbox_dn", "loss_giou_0_dn"}),
+}
 
 
-def _grouped_box_losses(images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-    """The box terms of every query group and decoder layer of a tiny PnP-DETR with 2 query groups
-    (training mode; BatchNorm on running statistics, so that an image's outputs do not depend on
-    its batch). The class terms are left out: cross-entropy averages over each process's queries,
-    so its average over processes is not the whole batch's, with or without groups."""
+def _accelerated_losses(accelerator: str, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+    """The box terms of every query group and decoder layer, and every denoising term, of a tiny
+    PnP-DETR with ``accelerator`` (training mode; BatchNorm on running statistics, so that an
+    image's outputs do not depend on its batch). The matching queries' class terms are left out:
+    cross-entropy averages over each process's queries, so its average over processes is not the
+    whole batch's, with or without accelerators."""
     from models.detr import build
 
     torch.manual_seed(0)
     model, criterion, _ = build(main.parse_args(
-        TINY_FLAGS + ["--num_classes", "5", "--query_groups", "2", "--dropout", "0"]))
+        TINY_FLAGS + ["--num_classes", "5", "--dropout", "0", *ACCELERATORS[accelerator][0]]))
     model.train()
     model.backbone.eval()
     with torch.no_grad():
-        losses = criterion(model(images, 0.5), targets)
-    return {k: v for k, v in losses.items() if k.startswith(("loss_bbox", "loss_giou"))}
+        losses = criterion(model(images, 0.5, targets), targets)
+    return {k: v for k, v in losses.items() if k.startswith(("loss_bbox", "loss_giou")) or k.endswith("_dn")}
 
 
-def _grouped_batch() -> tuple[list[torch.Tensor], list[dict]]:
+def _accelerated_batch(accelerator: str) -> tuple[list[torch.Tensor], list[dict]]:
     generator = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 64, 64, generator=generator) for _ in GROUPED_BOXES]
+    boxes_per_image = ACCELERATORS[accelerator][1]
+    images = [torch.rand(3, 64, 64, generator=generator) for _ in boxes_per_image]
     targets = [{"labels": torch.arange(len(boxes), dtype=torch.int64) + 1,
-                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)} for boxes in GROUPED_BOXES]
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)} for boxes in boxes_per_image]
     return images, targets
 
 
-def _grouped_loss_worker(rank: int, world_size: int, store: str, out: str) -> None:
+def _accelerated_loss_worker(rank: int, world_size: int, store: str, out: str, accelerator: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        images, targets = _grouped_batch()
+        images, targets = _accelerated_batch(accelerator)
         share = slice(2 * rank, 2 * rank + 2)
-        torch.save(_grouped_box_losses(images[share], targets[share]), f"{out}/rank{rank}.pt")
+        torch.save(_accelerated_losses(accelerator, images[share], targets[share]), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_grouped_loss_on_two_processes_equals_the_single_process_loss_of_the_batch(tmp_path):
-    single = _grouped_box_losses(*_grouped_batch())
-    assert {"loss_bbox_group1", "loss_giou_0_group1"} <= set(single)
-    mp.spawn(_grouped_loss_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("accelerator", sorted(ACCELERATORS))
+def test_accelerated_loss_on_two_processes_equals_the_single_process_loss_of_the_batch(tmp_path, accelerator):
+    single = _accelerated_losses(accelerator, *_accelerated_batch(accelerator))
+    assert ACCELERATORS[accelerator][2] <= set(single)
+    mp.spawn(_accelerated_loss_worker, args=(2, str(tmp_path / "store"), str(tmp_path), accelerator), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert set(ranks[0]) == set(single)
     for key, value in single.items():

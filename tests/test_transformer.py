@@ -4,9 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.denoising import Denoising
 from models.pnp import PollAndPoolSampler
 from models.transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
-                                TransformerEncoderLayer, build_transformer, group_attention_mask)
+                                TransformerEncoderLayer, build_transformer, denoising_attention_mask,
+                                group_attention_mask)
 from util.flags import parse_args
 
 
@@ -307,6 +309,53 @@ def test_queries_of_one_group_see_each_other():
     other[5:] += 1.0
     hs, hs_other = _grouped_hs(model, query, 1), _grouped_hs(model, other, 1)
     assert not torch.allclose(hs_other[:, :, :5], hs[:, :, :5], atol=1e-3), "one group: every query attends to all"
+
+
+def test_denoising_attention_mask_hides_the_denoising_queries_from_the_matching_ones():
+    matching = group_attention_mask(2, 2, torch.device("cpu"))
+    allowed = denoising_attention_mask(matching, 4, group_size=3, groups=2, device=torch.device("cpu"))
+    assert allowed.shape == (10, 10)
+    assert torch.equal(allowed[:4, :4], matching)
+    assert not allowed[:4, 4:].any(), "a matching query never sees a denoising query"
+    assert allowed[4:, :4].all(), "a denoising query sees the matching queries"
+    assert torch.equal(allowed[4:, 4:], group_attention_mask(3, 2, torch.device("cpu")))
+    assert denoising_attention_mask(None, 4, 3, 2, torch.device("cpu"))[:4, :4].all()
+
+
+def _denoising(seed: int, groups: int = 2, size: int = 3) -> Denoising:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, groups * size)
+    return Denoising(content=torch.randn(*shape, D, generator=gen), pos=torch.randn(*shape, D, generator=gen),
+                     labels=torch.zeros(shape, dtype=torch.int64), boxes=torch.full((*shape, 4), 0.5),
+                     valid=torch.ones(shape, dtype=torch.bool), group_size=size, groups=groups)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_matching_queries_compute_the_same_with_or_without_denoising_queries(groups):
+    model = _transformer()
+    src, mask, _, pos = _inputs()
+    query = torch.randn(5 * groups, D, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain = model(src, mask, query, pos, query_groups=groups)[0]
+        first = model(src, mask, query, pos, query_groups=groups, denoising=_denoising(1))[0]
+        second = model(src, mask, query, pos, query_groups=groups, denoising=_denoising(2))[0]
+    assert first.shape == (2, 2, 5 * groups + 6, D)
+    torch.testing.assert_close(first[:, :, :5 * groups], plain, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(second[:, :, :5 * groups], plain, atol=ATOL, rtol=ATOL)
+    assert not torch.allclose(first[:, :, 5 * groups:], second[:, :, 5 * groups:], atol=1e-3)
+
+
+def test_a_denoising_group_never_sees_another_group():
+    model = _transformer()
+    src, mask, query, pos = _inputs()
+    dn, other = _denoising(1), _denoising(1)
+    other.content[:, 3:] += 1.0
+    other.pos[:, 3:] += 1.0
+    with torch.no_grad():
+        hs = model(src, mask, query, pos, denoising=dn)[0]
+        hs_other = model(src, mask, query, pos, denoising=other)[0]
+    torch.testing.assert_close(hs_other[:, :, :5 + 3], hs[:, :, :5 + 3], atol=ATOL, rtol=ATOL)
+    assert not torch.allclose(hs_other[:, :, 5 + 3:], hs[:, :, 5 + 3:], atol=1e-3)
 
 
 def test_encoder_inputs_are_every_position_or_the_samplers_tokens():

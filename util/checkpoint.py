@@ -17,7 +17,12 @@ from util.errors import UserError
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 SAMPLER_PREFIX = "transformer.sampler."
-EXTRA_QUERIES_KEY = "extra_query_embed.weight"  # Group DETR's training-only query groups (--query_groups)
+# The detector's training-only parts (TRAINING_ONLY): state_dict keys that start with the prefix,
+# or hold it after a module prefix such as the segmentation model's "detr.".
+EXTRA_QUERIES_KEY = "extra_query_embed.weight"  # Group DETR's query groups (--query_groups)
+DENOISING_PREFIX = "denoising."  # DN-DETR's denoising queries (--dn_groups)
+TRAINING_ONLY = {EXTRA_QUERIES_KEY: ("extra query groups of Group DETR", "--query_groups"),
+                 DENOISING_PREFIX: ("denoising queries of DN-DETR", "--dn_groups")}
 
 # The published DETR checkpoints, by name: ``--finetune detr_r50`` (or ``--resume``, ``predict.py
 # --checkpoint``) downloads the file because the command names it.
@@ -63,6 +68,11 @@ def _preview(keys: list[str], limit: int = 3) -> str:
 DEFAULT_ADVICE = "check --backbone, --hidden_dim, --enc_layers/--dec_layers, --num_queries, --no_pnp and --backbone_weights"
 
 
+def _is_part(key: str, part: str) -> bool:
+    """Whether a state_dict key belongs to the training-only ``part`` of ``TRAINING_ONLY``."""
+    return key.startswith(part) or f".{part}" in key
+
+
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
                        built_from: str = "the flags", advice: str = DEFAULT_ADVICE,
                        sampler_prefix: str = SAMPLER_PREFIX, head_prefix: str = "class_embed.") -> list[str]:
@@ -72,8 +82,9 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
       loaded into a PnP-DETR, a ViT's into a PnP-ViT): the sampler keeps its fresh initialisation.
     * ``class_embed.*`` (``head_prefix``: the class logits) of another shape (fine-tuning on
       another class set): not loaded.
-    * ``extra_query_embed.weight`` (Group DETR's extra query groups, which only training runs):
-      dropped when the model has none, kept fresh when the checkpoint has none or another number.
+    * ``extra_query_embed.weight`` (Group DETR's extra query groups) and ``denoising.*`` (DN-DETR's
+      denoising queries), which only training runs (``TRAINING_ONLY``): dropped when the model has
+      none, kept fresh when the checkpoint has none (or, for the groups, another number).
 
     Returns the notes to print about those gaps. Anything else that does not fit raises a
     ``UserError`` naming the checkpoint and the keys, in one line, saying what the model was
@@ -90,20 +101,22 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
                      f"the model {own[bias].shape[0]}: {head} starts fresh")
         for k in resized:
             del state_dict[k]
-    dropped_groups = [k for k in state_dict if k.endswith(EXTRA_QUERIES_KEY)
-                      and (k not in own or state_dict[k].shape != own[k].shape)]
-    if any(k not in own for k in dropped_groups):
-        notes.append(f"{source}: the extra query groups of Group DETR (training only) are not in the model: dropped")
-    for k in dropped_groups:
-        del state_dict[k]
-    fresh_groups = [k for k in own if k.endswith(EXTRA_QUERIES_KEY) and k not in state_dict]
-    if fresh_groups:
-        notes.append(f"{source}: no extra query groups of the model's --query_groups: they start fresh")
+    fresh_parts = []
+    for part, (what, flag) in TRAINING_ONLY.items():
+        dropped = [k for k in state_dict if _is_part(k, part) and (k not in own or state_dict[k].shape != own[k].shape)]
+        if any(k not in own for k in dropped):
+            notes.append(f"{source}: the {what} (training only) are not in the model: dropped")
+        for k in dropped:
+            del state_dict[k]
+        fresh = [k for k in own if _is_part(k, part) and k not in state_dict]
+        if fresh:
+            notes.append(f"{source}: has no {what} for the model's {flag}: they start fresh")
+        fresh_parts += fresh
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
                   if k in own and v.shape != own[k].shape]
     # BatchNorm2d and FrozenBatchNorm2d hold the same statistics but for this counter.
     unexpected = sorted(k for k in state_dict if k not in own and not k.endswith("num_batches_tracked"))
-    missing = sorted(k for k in own if k not in state_dict and k not in resized and k not in fresh_groups
+    missing = sorted(k for k in own if k not in state_dict and k not in resized and k not in fresh_parts
                      and not k.endswith("num_batches_tracked"))
     sampler_missing = [k for k in missing if k.startswith(sampler_prefix)]
     missing = [k for k in missing if not k.startswith(sampler_prefix)]

@@ -149,6 +149,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Group DETR: training runs K groups of --num_queries queries, each matched one-to-one to "
                         "the targets on its own, attending only within its group, the loss summed over groups; "
                         "evaluation runs group 0 alone (1: off)")
+    g.add_argument("--dn_groups", default=0, type=int,
+                   help="DN-DETR: training also runs K groups of denoising queries, one per target box, made "
+                        "from the noised ground truth and asked to reconstruct it; the matching queries cannot "
+                        "see them (0: off)")
+    g.add_argument("--dn_label_noise", default=0.2, type=float,
+                   help="probability that a denoising query is given a random class instead of its box's (--dn_groups)")
+    g.add_argument("--dn_box_noise", default=0.4, type=float,
+                   help="denoising box noise: centres moved by up to half this fraction of the box size, sizes "
+                        "scaled by 1 +- this (--dn_groups)")
     g.add_argument("--mosaic", default=0.0, type=float,
                    help="probability that a training image is replaced by a 2x2 mosaic of four training images, "
                         "each at half its size: more objects per image for one-to-one matching (0: off; not "
