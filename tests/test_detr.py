@@ -452,10 +452,15 @@ GROUP_TARGETS = [{"labels": torch.tensor([1, 2, 3]),
                  {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
 
 
-def grouped_build(groups: int, *extra: str, seed: int = 0):
-    """A tiny PnP-DETR with ``groups`` query groups and no dropout, in training mode."""
-    model, criterion, postprocessors = tiny_build("--query_groups", str(groups), "--dropout", "0", *extra, seed=seed)
+def accelerated_build(flag: str, groups: int, *extra: str, seed: int = 0):
+    """A tiny PnP-DETR with ``groups`` of the accelerator ``flag`` (``--query_groups``,
+    ``--dn_groups``) and no dropout, in training mode."""
+    model, criterion, postprocessors = tiny_build(flag, str(groups), "--dropout", "0", *extra, seed=seed)
     return model.train(), criterion, postprocessors
+
+
+def grouped_build(groups: int, *extra: str, seed: int = 0):
+    return accelerated_build("--query_groups", groups, *extra, seed=seed)
 
 
 def test_training_outputs_hold_every_extra_group_and_eval_outputs_none():
@@ -559,9 +564,7 @@ def test_grouped_losses_of_images_without_boxes_are_finite_and_reach_every_group
 
 # ----------------------------------------------------------------------------- DN-DETR (--dn_groups)
 def denoising_build(groups: int, *extra: str, seed: int = 0):
-    """A tiny PnP-DETR with ``groups`` groups of denoising queries and no dropout, in training mode."""
-    model, criterion, postprocessors = tiny_build("--dn_groups", str(groups), "--dropout", "0", *extra, seed=seed)
-    return model.train(), criterion, postprocessors
+    return accelerated_build("--dn_groups", groups, *extra, seed=seed)
 
 
 def test_training_with_targets_adds_the_denoising_outputs_and_eval_none():
