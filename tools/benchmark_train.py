@@ -1,0 +1,109 @@
+"""Training speed of the detector with the training accelerators against the faithful recipe,
+measured in one process.
+
+    python -m tools.benchmark_train --threads 2 --output accelerators.json -- --config configs/demo.yaml \\
+        --coco_path data/synthetic --backbone_weights outputs/demo/backbone.pth
+
+Every variant is main.py's model, loss and optimiser built from the flags after ``--`` plus the
+variant's own (``NAME=FLAGS``; by default the faithful recipe, ``--dn_groups`` 5 and 10,
+``--query_groups 3`` and both). Each trains one pass over the same first ``--images`` training
+images (``engine.train_one_epoch``: data loading, forward, matching, loss, backward and the
+optimiser step), the variants taking turns ``--repeats`` times, so that a slow spell of a
+shared machine hits them alike; the fastest pass of each is reported with its ratio to the first
+variant's. With ``--output`` the results are also written as JSON.
+"""
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Subset
+
+import main
+from engine import train_one_epoch
+from models import build_model
+from tools.benchmark import device_name
+from util.errors import UserError, exit_status
+
+DEFAULT_VARIANTS = ["faithful=--dn_groups 0 --query_groups 1", "dn5=--dn_groups 5 --query_groups 1",
+                    "dn10=--dn_groups 10 --query_groups 1", "g3=--dn_groups 0 --query_groups 3",
+                    "dn10_g3=--dn_groups 10 --query_groups 3"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    """The benchmark's options, and the main.py flags given after ``--``."""
+    argv = sys.argv[1:] if argv is None else argv
+    model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser("python -m tools.benchmark_train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME=FLAGS",
+                   help="the variants; the first is the baseline of the ratios")
+    p.add_argument("--images", type=int, default=320, help="training images per timed pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes of each variant")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    p.add_argument("--output", default=None, metavar="PATH", help="also write the results as JSON")
+    return p.parse_args(argv), model_flags
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise UserError(f"--variants {text!r}: expected NAME=FLAGS, e.g. 'dn5=--dn_groups 5'")
+    return name, shlex.split(flags)
+
+
+def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    opts, model_flags = parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    variants = dict(parse_variant(text) for text in opts.variants)
+    base = main.parse_args(model_flags)
+    base.distributed = False
+    dataset_train, dataset_val = main.build_datasets(base)
+    base.num_classes = base.num_classes or dataset_val.num_classes
+    if len(dataset_train) < opts.images:
+        raise UserError(f"--images {opts.images}: the training split holds only {len(dataset_train)} images")
+    loader, _ = main.build_loaders(base, Subset(dataset_train, range(opts.images)), dataset_val)
+    device = torch.device(base.device)
+    built = {}
+    for name, flags in variants.items():
+        args = main.parse_args(model_flags + flags)
+        args.num_classes, args.distributed = base.num_classes, False
+        main.check_args(args)
+        torch.manual_seed(0)
+        model, criterion, _ = build_model(args)
+        model.to(device)
+        optimizer, _ = main.build_optimizer(args, model, len(loader))
+        built[name] = (args, model, criterion, optimizer)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(opts.repeats):
+        for name, (args, model, criterion, optimizer) in built.items():
+            start = time.perf_counter()
+            train_one_epoch(model, criterion, loader, optimizer, device, 0, args.clip_max_norm,
+                            (args.sample_ratio_lower_bound, args.sample_ratio_higher_bound), print_freq=10**9,
+                            rng=random.Random(0), model_takes_targets=True)
+            seconds[name].append(time.perf_counter() - start)
+    baseline = min(next(iter(seconds.values())))
+    rows = [{"variant": name, "flags": " ".join(variants[name]), "seconds": min(times), "runs": times,
+             "images_per_s": opts.images / min(times), "ratio": min(times) / baseline}
+            for name, times in seconds.items()]
+    print(f"{device_name(device)}; one training pass over {opts.images} images, "
+          f"fastest of {opts.repeats}; (x) = ratio to {rows[0]['variant']}")
+    print("| variant | flags | seconds | images/s |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | `{row['flags']}` | {row['seconds']:.2f} ({row['ratio']:.2f}x) | "
+              f"{row['images_per_s']:.1f} |")
+    report = {"device": device_name(device), "threads": opts.threads, "images": opts.images,
+              "model_flags": model_flags, "results": rows}
+    if opts.output:
+        with open(opts.output, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    raise SystemExit(exit_status(run))
