@@ -113,18 +113,23 @@ class DETR(nn.Module):
             return torch.cat([self.query_embed.weight, self.extra_query_embed.weight]), self.query_groups
         return self.query_embed.weight, 1
 
-    def denoising_queries(self, targets: Optional[list[dict[str, Tensor]]]) -> Optional[Denoising]:
-        """The denoising queries of ``targets`` in training mode with ``--dn_groups``, else None."""
+    def decode(self, features: ImageFeatures, sample_ratio: Optional[float] = None,
+               targets: Optional[list[dict[str, Tensor]]] = None
+               ) -> tuple[Tensor, Tensor, Optional[SampledTokens], Optional[Denoising]]:
+        """The transformer on ``features`` with the queries of this mode: ``(hs, memory, sampled,
+        denoising)``, ``denoising`` being the queries made from ``targets`` in training mode with
+        ``--dn_groups`` (else None)."""
+        queries, groups = self.decoder_queries()
+        denoising = None
         if self.training and self.denoising is not None and targets is not None:
-            return self.denoising(targets)
-        return None
+            denoising = self.denoising(targets)
+        hs, memory, sampled = self.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
+                                               features.num_valid, groups, denoising)
+        return hs, memory, sampled, denoising
 
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None,
                 targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
-        queries, groups = self.decoder_queries()
-        denoising = self.denoising_queries(targets)
-        hs, _, sampled = self.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
-                                          features.num_valid, groups, denoising)
+        hs, _, sampled, denoising = self.decode(features, sample_ratio, targets)
         return self.detection_outputs(hs, sampled, denoising)
 
     def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:

@@ -232,10 +232,7 @@ class DETRsegm(nn.Module):
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None,
                 targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
         detr = self.detr
-        queries, groups = detr.decoder_queries()
-        denoising = detr.denoising_queries(targets)
-        hs, memory, sampled = detr.transformer(features.src, features.mask, queries, features.pos, sample_ratio,
-                                               features.num_valid, groups, denoising)
+        hs, memory, sampled, denoising = detr.decode(features, sample_ratio, targets)
         out = detr.detection_outputs(hs, sampled, denoising)
         grid = self.memory_grid(memory, sampled, features)
         bbox_mask = self.bbox_attention(hs[-1, :, :detr.num_queries], grid, features.mask)
