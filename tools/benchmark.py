@@ -50,11 +50,19 @@ PARTS = ("flops", "latency", "eval", "train")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def split_model_flags(argv: Optional[list[str]]) -> tuple[list[str], list[str]]:
+    """A benchmark's command line (``sys.argv[1:]`` when None) as its own options and the main.py
+    flags given after ``--``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1:]
+
+
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """The benchmark's options, and the main.py model flags given after ``--``."""
-    argv = sys.argv[1:] if argv is None else argv
-    model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, model_flags = split_model_flags(argv)
     p = argparse.ArgumentParser("PnP-DETR benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=list(VARIANT_FLAGS))

@@ -20,15 +20,13 @@ from typing import Any, Optional
 
 import torch
 
-from tools.benchmark import VARIANT_FLAGS, build_pair, device_name, json_row, measure
+from tools.benchmark import VARIANT_FLAGS, build_pair, device_name, json_row, measure, split_model_flags
 from util.onnx import INPUT_NAME, export, max_differences, output_names, require, session
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """The benchmark's options, and the main.py model flags given after ``--``."""
-    argv = sys.argv[1:] if argv is None else argv
-    model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, model_flags = split_model_flags(argv)
     p = argparse.ArgumentParser("PnP-DETR ONNX Runtime benchmark",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=list(VARIANT_FLAGS))

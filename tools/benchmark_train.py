@@ -16,7 +16,6 @@ import argparse
 import json
 import random
 import shlex
-import sys
 import time
 from typing import Any, Optional
 
@@ -26,7 +25,7 @@ from torch.utils.data import Subset
 import main
 from engine import train_one_epoch
 from models import build_model
-from tools.benchmark import device_name
+from tools.benchmark import device_name, split_model_flags
 from util.errors import UserError, exit_status
 
 DEFAULT_VARIANTS = ["faithful=--dn_groups 0 --query_groups 1", "dn5=--dn_groups 5 --query_groups 1",
@@ -36,9 +35,7 @@ DEFAULT_VARIANTS = ["faithful=--dn_groups 0 --query_groups 1", "dn5=--dn_groups 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """The benchmark's options, and the main.py flags given after ``--``."""
-    argv = sys.argv[1:] if argv is None else argv
-    model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, model_flags = split_model_flags(argv)
     p = argparse.ArgumentParser("python -m tools.benchmark_train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME=FLAGS",

@@ -21,7 +21,7 @@ from torch import Tensor
 
 import main
 from models.vit import VIT_ARCHS, PnPViT, build_vit
-from tools.benchmark import CLOCKS, device_name, format_rows, json_row, measure
+from tools.benchmark import CLOCKS, device_name, format_rows, json_row, measure, split_model_flags
 from util.flops import CONVENTION, count_flops
 
 ARCH_LABELS = {"deit_small": "DeiT-S", "vit_base": "ViT-B"}
@@ -29,9 +29,7 @@ ARCH_LABELS = {"deit_small": "DeiT-S", "vit_base": "ViT-B"}
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """The benchmark's options, and the main.py model flags given after ``--``."""
-    argv = sys.argv[1:] if argv is None else argv
-    model_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, model_flags = split_model_flags(argv)
     p = argparse.ArgumentParser("PnP-ViT benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--archs", nargs="+", default=["deit_small", "vit_base"], choices=list(VIT_ARCHS),
