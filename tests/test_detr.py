@@ -450,6 +450,7 @@ def test_gradients_reach_the_score_network_through_the_detection_loss(flags):
 GROUP_TARGETS = [{"labels": torch.tensor([1, 2, 3]),
                   "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2], [0.5, 0.2, 0.2, 0.1]])},
                  {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+NO_BOXES = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
 
 
 def accelerated_build(flag: str, groups: int, *extra: str, seed: int = 0):
@@ -553,8 +554,7 @@ def test_weight_dict_repeats_every_detection_term_per_extra_group():
 @pytest.mark.parametrize("flags", [(), ("--no_pnp",)])
 def test_grouped_losses_of_images_without_boxes_are_finite_and_reach_every_group(flags):
     model, criterion, _ = grouped_build(2, *flags)
-    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
-    losses = criterion(model(torch.stack(_images()), 0.5), empty)
+    losses = criterion(model(torch.stack(_images()), 0.5), NO_BOXES)
     total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
     assert math.isfinite(total.item())
     total.backward()
@@ -627,8 +627,7 @@ def test_weight_dict_gives_the_denoising_terms_the_detection_weights():
 @pytest.mark.parametrize("flags", [(), ("--no_pnp",)])
 def test_denoising_losses_of_images_without_boxes_are_finite_and_reach_the_denoising_queries(flags):
     model, criterion, _ = denoising_build(2, *flags)
-    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
-    losses = criterion(model(torch.stack(_images()), 0.5, empty), empty)
+    losses = criterion(model(torch.stack(_images()), 0.5, NO_BOXES), NO_BOXES)
     assert losses["loss_bbox_dn"].item() == 0 and losses["loss_ce_dn"].item() == 0
     total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
     assert math.isfinite(total.item())
