@@ -361,6 +361,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        utils.destroy_distributed_mode()
 
 
 if __name__ == "__main__":

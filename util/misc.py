@@ -202,6 +202,16 @@ def init_distributed_mode(args: Any) -> None:
         _drop_stdout_prints()
 
 
+def destroy_distributed_mode() -> None:
+    """End this process's process group, if any, before the interpreter exits.
+
+    A gloo group left to the interpreter's exit can abort the process ("terminate called without
+    an active exception") after its work is done, which torchrun reports as a failed run.
+    """
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
 def _drop_stdout_prints() -> None:
     """Make ``print`` to stdout a no-op in this process (prints to stderr still show).
 
