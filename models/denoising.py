@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from util.misc import padded_targets
+
 
 @dataclass
 class Denoising:
@@ -71,15 +73,8 @@ class DenoisingQueries(nn.Module):
 
     def forward(self, targets: list[dict[str, Tensor]]) -> Denoising:
         device = self.label_embed.weight.device
-        size = max([1] + [len(t["labels"]) for t in targets])
-        labels = torch.zeros(len(targets), size, dtype=torch.int64, device=device)
-        boxes = torch.full((len(targets), size, 4), 0.5, device=device)
-        valid = torch.zeros(len(targets), size, dtype=torch.bool, device=device)
-        for b, t in enumerate(targets):
-            count = len(t["labels"])
-            labels[b, :count] = t["labels"]
-            boxes[b, :count] = t["boxes"].float()
-            valid[b, :count] = True
+        labels, boxes, valid = padded_targets(targets, device)
+        size = labels.shape[1]
         labels, boxes, valid = labels.repeat(1, self.groups), boxes.repeat(1, self.groups, 1), valid.repeat(1, self.groups)
         flipped = torch.rand(labels.shape, device=device) < self.label_noise
         noisy_labels = torch.where(flipped, torch.randint_like(labels, self.num_classes), labels)

@@ -5,15 +5,16 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
 from util.errors import UserError
-from util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized, to_nested_tensor
+from util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized, padded_targets, to_nested_tensor
 
 from .backbone import Joiner, build_backbone, unpadded_positions
 from .matcher import HungarianMatcher, build_matcher
 from .denoising import Denoising, DenoisingQueries
+from .encoder_head import EncoderHead, EncoderPredictions, cell_box_index, decoded_boxes, reference_boxes
 from .pnp import SampledTokens
 from .transformer import Transformer, build_transformer
 
@@ -74,10 +75,15 @@ class DETR(nn.Module):
     training mode, the decoder also runs denoising queries made from the targets' noised boxes,
     and the output holds ``dn_outputs``: their ``pred_logits``, ``pred_boxes``, ``aux_outputs``
     and the ``Denoising`` they reconstruct. Eval mode and calls without targets run as without.
+
+    With ``encoder_head`` (Co-DETR's dense head on the encoder, ``--encoder_head``,
+    ``models.encoder_head``) the output in training mode also holds ``encoder_outputs``, its
+    ``EncoderPredictions``.
     """
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, query_groups: int = 1, denoising: Optional[DenoisingQueries] = None):
+                 aux_loss: bool = False, query_groups: int = 1, denoising: Optional[DenoisingQueries] = None,
+                 encoder_head: Optional[EncoderHead] = None):
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -92,6 +98,7 @@ class DETR(nn.Module):
         self.extra_query_embed = (nn.Embedding((query_groups - 1) * num_queries, hidden_dim)
                                   if query_groups > 1 else None)
         self.denoising = denoising
+        self.encoder_head = encoder_head
 
     @property
     def uses_pnp(self) -> bool:
@@ -129,8 +136,8 @@ class DETR(nn.Module):
 
     def predict(self, features: ImageFeatures, sample_ratio: Optional[float] = None,
                 targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
-        hs, _, sampled, denoising = self.decode(features, sample_ratio, targets)
-        return self.detection_outputs(hs, sampled, denoising)
+        hs, memory, sampled, denoising = self.decode(features, sample_ratio, targets)
+        return self.detection_outputs(hs, sampled, denoising, memory, features.mask)
 
     def _layer_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
         """Predictions of one query group from its ``(layers, B, Q, ...)`` logits and boxes."""
@@ -139,11 +146,13 @@ class DETR(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
-    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens],
-                          denoising: Optional[Denoising] = None) -> dict[str, Any]:
+    def detection_outputs(self, hs: Tensor, sampled: Optional[SampledTokens], denoising: Optional[Denoising],
+                          memory: Tensor, mask: Tensor) -> dict[str, Any]:
         """The output dict of ``forward`` from the decoder outputs ``hs (layers, B, G * Q [+ D], C)``
         of G query groups (and D denoising queries): group 0's predictions, the others' as
-        ``group_outputs`` when G > 1, the denoising queries' as ``dn_outputs``."""
+        ``group_outputs`` when G > 1, the denoising queries' as ``dn_outputs``; in training mode the
+        encoder head's predictions on ``memory`` (of a feature map padded where ``mask``) as
+        ``encoder_outputs``."""
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         num_matching = hs.shape[2] - (0 if denoising is None else denoising.labels.shape[1])
@@ -156,6 +165,8 @@ class DETR(nn.Module):
         if denoising is not None:
             out["dn_outputs"] = {**self._layer_outputs(logits[:, :, num_matching:], boxes[:, :, num_matching:]),
                                  "denoising": denoising}
+        if self.training and self.encoder_head is not None:
+            out["encoder_outputs"] = self.encoder_head(memory, sampled, mask)
         if sampled is not None:
             out["sample_reg_loss"] = sampled.sample_reg_loss
             out["sampled"] = sampled
@@ -177,7 +188,8 @@ class SetCriterion(nn.Module):
     ``outputs["group_outputs"]`` (Group DETR) is matched one-to-one to the targets on its own and
     adds its weighted terms with suffix ``_group{g}`` (``loss_ce_group1``, ``loss_bbox_0_group1``
     ...), normalised by the same box count. Denoising queries (DN-DETR, ``outputs["dn_outputs"]``)
-    add ``loss_denoising``'s terms. ``weight_dict`` says how each term
+    add ``loss_denoising``'s terms, the encoder head's (Co-DETR, ``outputs["encoder_outputs"]``)
+    ``loss_encoder``'s. ``weight_dict`` says how each term
     enters the total loss. Everything is computed in float32.
 
     On a GPU the matcher's solver reads the cost matrix on the host; nothing else here waits
@@ -247,6 +259,31 @@ class SetCriterion(nn.Module):
         return {f"loss_ce{suffix}_dn": (ce * valid).sum() / norm, f"loss_bbox{suffix}_dn": (l1 * valid).sum() / norm,
                 f"loss_giou{suffix}_dn": (giou * valid).sum() / norm}
 
+    @staticmethod
+    def loss_encoder(predictions: EncoderPredictions, targets: list[dict], sync: bool = True) -> dict[str, Tensor]:
+        """The encoder head's terms ``loss_ce_enc`` (sigmoid focal loss, alpha 0.25, gamma 2, over
+        the classes of every valid token), ``loss_bbox_enc`` and ``loss_giou_enc`` (the tokens with
+        a box, ``cell_box_index``), each summed and divided by the number of tokens with a box
+        (averaged over processes when ``sync``, as the box count of ``forward``)."""
+        logits = predictions.logits.float()
+        index = cell_box_index(targets, predictions.mask, predictions.stride).flatten(1)
+        assigned = index.gather(1, predictions.cell).masked_fill(~predictions.valid, -1)   # (B, S)
+        positive = (assigned >= 0).float()
+        num_positives = _process_mean(positive.sum(), sync)
+        labels, boxes, _ = padded_targets(targets, logits.device)
+        slot = assigned.clamp(min=0)
+        classes = F.one_hot(labels.gather(1, slot), logits.shape[-1]).float() * positive[..., None]
+        focal = sigmoid_focal_loss(logits, classes, reduction="none").sum(-1)
+        image_sizes = torch.stack([t["size"] for t in targets])
+        reference = reference_boxes(predictions.cell, predictions.mask.shape[-1], predictions.stride, image_sizes)
+        pred = decoded_boxes(predictions.deltas, reference)
+        target = boxes.gather(1, slot[..., None].expand(-1, -1, 4))    # a box of the image where none is assigned
+        l1 = F.l1_loss(pred, target, reduction="none").sum(-1)
+        giou = 1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(target))
+        return {"loss_ce_enc": (focal * predictions.valid).sum() / num_positives,
+                "loss_bbox_enc": (l1 * positive).sum() / num_positives,
+                "loss_giou_enc": (giou * positive).sum() / num_positives}
+
     def _losses_for(self, outputs: dict, targets: list[dict], num_boxes: Tensor, suffix: str = "") -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
         indices = [(src.to(device, non_blocking=True), tgt.to(device, non_blocking=True))
@@ -276,10 +313,7 @@ class SetCriterion(nn.Module):
         """
         device = outputs["pred_logits"].device
         num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets))).to(device, non_blocking=True)
-        if sync_num_boxes and is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(num_boxes)
-            num_boxes = num_boxes / get_world_size()
-        num_boxes = num_boxes.clamp(min=1)
+        num_boxes = _process_mean(num_boxes, sync_num_boxes)
 
         losses = self._set_losses(outputs, targets, num_boxes)
         for g, group in enumerate(outputs.get("group_outputs", []), start=1):
@@ -290,9 +324,19 @@ class SetCriterion(nn.Module):
             losses.update(self.loss_denoising(dn_outputs, dn_outputs["denoising"], num_boxes))
             for i, aux in enumerate(dn_outputs.get("aux_outputs", [])):
                 losses.update(self.loss_denoising(aux, dn_outputs["denoising"], num_boxes, suffix=f"_{i}"))
+        if "encoder_outputs" in outputs:
+            losses.update(self.loss_encoder(outputs["encoder_outputs"], targets, sync_num_boxes))
         if "sample_reg_loss" in outputs:
             losses["sample_reg_loss"] = outputs["sample_reg_loss"].float()
         return losses
+
+
+def _process_mean(count: Tensor, sync: bool) -> Tensor:
+    """``count`` averaged over processes (an all-reduce) when ``sync`` and distributed, at least 1."""
+    if sync and is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(count)
+        count = count / get_world_size()
+    return count.clamp(min=1)
 
 
 class PostProcess(nn.Module):
@@ -320,9 +364,12 @@ def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
     dn_groups = getattr(args, "dn_groups", 0)  # 0: args stored before the flag
     denoising = (DenoisingQueries(args.num_classes, args.hidden_dim, dn_groups, args.dn_label_noise, args.dn_box_noise)
                  if dn_groups > 0 else None)
-    model = DETR(build_backbone(args), build_transformer(args), num_classes=args.num_classes,
+    backbone = build_backbone(args)
+    encoder_weight = getattr(args, "encoder_head", 0.0)  # 0: args stored before the flag
+    encoder_head = EncoderHead(args.hidden_dim, args.num_classes, backbone.strides[-1]) if encoder_weight > 0 else None
+    model = DETR(backbone, build_transformer(args), num_classes=args.num_classes,
                  num_queries=args.num_queries, aux_loss=not args.no_aux_loss, query_groups=args.query_groups,
-                 denoising=denoising)
+                 denoising=denoising, encoder_head=encoder_head)
 
     weight_dict = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if not args.no_aux_loss:
@@ -333,6 +380,9 @@ def build(args: Any) -> tuple[DETR, SetCriterion, dict[str, nn.Module]]:
         weight_dict.update({f"{k}_group{g}": v for k, v in one_group.items()})
     if denoising is not None:
         weight_dict.update({f"{k}_dn": v for k, v in one_group.items()})
+    if encoder_head is not None:  # Co-DETR's weights: 2 for the focal loss, as Deformable DETR's
+        weight_dict.update({"loss_ce_enc": 2.0 * encoder_weight, "loss_bbox_enc": args.bbox_loss_coef * encoder_weight,
+                            "loss_giou_enc": args.giou_loss_coef * encoder_weight})
     if model.uses_pnp:
         weight_dict["sample_reg_loss"] = args.sample_reg_loss
     criterion = SetCriterion(args.num_classes, build_matcher(args), weight_dict, args.eos_coef,

@@ -233,7 +233,7 @@ class DETRsegm(nn.Module):
                 targets: Optional[list[dict[str, Tensor]]] = None) -> dict[str, Any]:
         detr = self.detr
         hs, memory, sampled, denoising = detr.decode(features, sample_ratio, targets)
-        out = detr.detection_outputs(hs, sampled, denoising)
+        out = detr.detection_outputs(hs, sampled, denoising, memory, features.mask)
         grid = self.memory_grid(memory, sampled, features)
         bbox_mask = self.bbox_attention(hs[-1, :, :detr.num_queries], grid, features.mask)
         fpns = [features.stages[stage - 1].tensors for stage in self.fpn_stages]

@@ -47,6 +47,7 @@ class DetectionTask(Task):
         "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
         "dataset_file", "coco_path", "coco_panoptic_path", "eval_size", "augment", "compile", "channels_last",
         "lr_backbone", *SPLIT_FLAGS, "query_groups", "mosaic", "dn_groups", "dn_label_noise", "dn_box_noise",
+        "encoder_head",
     )
     head_prefix = "class_embed."
     sampler_prefix = SAMPLER_PREFIX
@@ -72,6 +73,12 @@ class DetectionTask(Task):
             raise UserError(f"--dn_label_noise is a probability: expected a value in [0, 1], got {args.dn_label_noise}")
         if args.dn_box_noise < 0:
             raise UserError(f"--dn_box_noise must be at least 0, got {args.dn_box_noise}")
+        if args.encoder_head < 0:
+            raise UserError(f"--encoder_head weighs the encoder head's loss: expected 0 (off) or more, "
+                            f"got {args.encoder_head}")
+        if args.encoder_head > 0 and args.frozen_weights is not None:
+            raise UserError("--encoder_head trains the detector's encoder; --frozen_weights freezes the detector: "
+                            "drop --encoder_head")
         if not 0 <= args.mosaic <= 1:
             raise UserError(f"--mosaic is a probability: expected a value in [0, 1], got {args.mosaic}")
         if args.mosaic > 0 and args.masks:

@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from util.box_ops import (box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh, generalized_box_iou,
-                          masks_to_boxes)
+                          masks_to_boxes, paired_generalized_box_iou)
 
 
 def test_cxcywh_to_xyxy_hand_case():
@@ -83,6 +83,17 @@ def test_generalized_box_iou_matches_torchvision():
     a = box_cxcywh_to_xyxy(torch.rand(4, 4) * 0.5 + 0.1)
     b = box_cxcywh_to_xyxy(torch.rand(3, 4) * 0.5 + 0.1)
     torch.testing.assert_close(generalized_box_iou(a, b), torchvision.ops.generalized_box_iou(a, b))
+
+
+def test_paired_generalized_box_iou_is_the_diagonal_of_the_matrix_with_batch_dims():
+    torch.manual_seed(2)
+    a = box_cxcywh_to_xyxy(torch.rand(2, 3, 4) * 0.5 + 0.1)
+    b = box_cxcywh_to_xyxy(torch.rand(2, 3, 4) * 0.5 + 0.1)
+    b[0, 0] = torch.tensor([0.9, 0.9, 1.0, 1.0])       # disjoint from its counterpart: negative
+    paired = paired_generalized_box_iou(a, b)
+    assert paired.shape == (2, 3) and paired[0, 0] < 0
+    expected = torch.diag(generalized_box_iou(a.reshape(6, 4), b.reshape(6, 4))).reshape(2, 3)
+    torch.testing.assert_close(paired, expected)
 
 
 def test_masks_to_boxes_hand_masks_with_empty_mask():

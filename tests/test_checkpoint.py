@@ -125,14 +125,16 @@ def test_model_with_query_groups_keeps_fresh_extra_groups_from_a_checkpoint_with
     assert torch.equal(grouped.query_embed.weight, source.query_embed.weight)
 
 
-def test_checkpoint_with_denoising_queries_loads_into_a_model_without_them_with_a_note():
-    denoised = tiny_model("--dn_groups", "3", seed=1)
+@pytest.mark.parametrize("flags,what,prefix", [(("--dn_groups", "3"), "denoising queries", "denoising."),
+                                               (("--encoder_head", "1"), "encoder head", "encoder_head.")])
+def test_checkpoint_with_a_training_only_part_loads_into_a_model_without_it_with_a_note(flags, what, prefix):
+    trained = tiny_model(*flags, seed=1)
     plain = tiny_model(seed=2)
-    notes = load_model_weights(plain, denoised.state_dict(), "denoised.pth")
-    assert len(notes) == 1 and "denoised.pth" in notes[0] and "denoising queries" in notes[0]
+    notes = load_model_weights(plain, trained.state_dict(), "trained.pth")
+    assert len(notes) == 1 and "trained.pth" in notes[0] and what in notes[0]
     assert "dropped" in notes[0] and "\n" not in notes[0]
-    assert not any(k.startswith("denoising.") for k in plain.state_dict())
-    expected, loaded = _eval_outputs(denoised), _eval_outputs(plain)
+    assert not any(k.startswith(prefix) for k in plain.state_dict())
+    expected, loaded = _eval_outputs(trained), _eval_outputs(plain)
     assert torch.equal(loaded["pred_logits"], expected["pred_logits"])
     assert torch.equal(loaded["pred_boxes"], expected["pred_boxes"])
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import main
 from models.detr import PostProcess, SetCriterion, build
+from models.encoder_head import EncoderPredictions
 from models.matcher import HungarianMatcher
 from util.checkpoint import load_model_weights
 from util.errors import UserError
@@ -131,7 +132,7 @@ def _padded_batch(device: str) -> NestedTensor:
     return nested_tensor_from_tensor_list(images).to(device)
 
 
-@pytest.mark.parametrize("flags", [(), ("--no_pnp",)])
+@pytest.mark.parametrize("flags", [(), ("--no_pnp",), ("--encoder_head", "1")])
 def test_forward_never_waits_for_the_device(flags):
     model = tiny_build(*flags)[0].to("meta").train()       # meta stands in for a GPU: no values
     samples = _padded_batch("meta")
@@ -305,22 +306,28 @@ def test_criterion_waits_for_the_device_only_in_the_matcher():
     outputs = {"pred_logits": torch.randn(2, 4, NUM_CLASSES + 1, device="meta"),
                "pred_boxes": torch.rand(2, 4, 4, device="meta")}
     outputs["aux_outputs"] = [dict(outputs)]
-    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4)},
-               {"labels": torch.tensor([3]), "boxes": torch.rand(1, 4)}]
+    outputs["encoder_outputs"] = EncoderPredictions(
+        logits=torch.randn(2, 3, NUM_CLASSES, device="meta"), deltas=torch.randn(2, 3, 4, device="meta"),
+        cell=torch.zeros(2, 3, dtype=torch.int64, device="meta"), valid=torch.ones(2, 3, dtype=torch.bool, device="meta"),
+        mask=torch.zeros(2, 2, 2, dtype=torch.bool, device="meta"), stride=32)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.rand(2, 4), "size": torch.tensor([64, 64])},
+               {"labels": torch.tensor([3]), "boxes": torch.rand(1, 4), "size": torch.tensor([64, 48])}]
     targets = [{key: value.to("meta") for key, value in t.items()} for t in targets]
     with HostWaits() as waits:
         losses = criterion(outputs, targets)
     assert waits.found == []
-    assert {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"} <= set(losses)
+    assert {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error", "loss_ce_enc",
+            "loss_giou_enc"} <= set(losses)
 
 
 @pytest.mark.gpu
-def test_cuda_forward_and_loss_synchronise_only_in_the_matcher():
-    model, criterion, _ = tiny_build()
+@pytest.mark.parametrize("flags", [(), ("--encoder_head", "1")])
+def test_cuda_forward_and_loss_synchronise_only_in_the_matcher(flags):
+    model, criterion, _ = tiny_build(*flags)
     model.cuda().train()
     criterion.cuda()
-    targets = [{"labels": torch.tensor([1, 2]).cuda(), "boxes": torch.rand(2, 4).cuda()},
-               {"labels": torch.tensor([3]).cuda(), "boxes": torch.rand(1, 4).cuda()}]
+    targets = [{"labels": torch.tensor([1, 2]).cuda(), "boxes": torch.rand(2, 4).cuda(), "size": torch.tensor([64, 80]).cuda()},
+               {"labels": torch.tensor([3]).cuda(), "boxes": torch.rand(1, 4).cuda(), "size": torch.tensor([72, 48]).cuda()}]
     samples = _padded_batch("cuda")
     torch.cuda.synchronize()
     solve = criterion.matcher.forward
@@ -453,10 +460,10 @@ GROUP_TARGETS = [{"labels": torch.tensor([1, 2, 3]),
 NO_BOXES = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
 
 
-def accelerated_build(flag: str, groups: int, *extra: str, seed: int = 0):
-    """A tiny PnP-DETR with ``groups`` of the accelerator ``flag`` (``--query_groups``,
-    ``--dn_groups``) and no dropout, in training mode."""
-    model, criterion, postprocessors = tiny_build(flag, str(groups), "--dropout", "0", *extra, seed=seed)
+def accelerated_build(flag: str, value: float, *extra: str, seed: int = 0):
+    """A tiny PnP-DETR with the accelerator ``flag`` (``--query_groups``, ``--dn_groups``,
+    ``--encoder_head``) set to ``value`` and no dropout, in training mode."""
+    model, criterion, postprocessors = tiny_build(flag, str(value), "--dropout", "0", *extra, seed=seed)
     return model.train(), criterion, postprocessors
 
 
@@ -643,6 +650,64 @@ def test_bad_denoising_flags_are_one_line_errors(flag, value):
     extra = ["--dn_groups", "2"] if flag != "--dn_groups" else []
     args = tiny_args(*extra, flag, value)
     with pytest.raises(UserError, match=flag):
+        get_task(args.task).check_args(args)
+
+
+# ----------------------------------------------------------------------------- Co-DETR's encoder head (--encoder_head)
+@pytest.mark.parametrize("extra,tokens", [((), 8), (("--no_pnp",), 16)])
+def test_training_adds_the_encoder_heads_predictions_and_eval_none(extra, tokens):
+    model, _, _ = accelerated_build("--encoder_head", 1, "--backbone_last_stage", "3", *extra)   # 4x4 cells
+    images = torch.stack(_images())
+    encoder = model(images, 0.5)["encoder_outputs"]
+    assert encoder.logits.shape == (2, tokens, NUM_CLASSES) and encoder.deltas.shape == (2, tokens, 4)
+    assert encoder.stride == 16 and encoder.mask.shape == (2, 4, 4)
+    with torch.no_grad():
+        assert "encoder_outputs" not in model.eval()(images, 0.5)
+
+
+@pytest.mark.parametrize("extra", [(), ("--no_pnp",), ("--dn_groups", "2", "--query_groups", "2")])
+def test_outputs_with_the_encoder_head_are_those_of_the_model_without(extra):
+    plain = tiny_build("--dropout", "0", *extra)[0].train()
+    headed, _, _ = accelerated_build("--encoder_head", 1, *extra, seed=1)
+    notes = load_model_weights(headed, plain.state_dict(), "plain.pth")
+    assert len(notes) == 1 and "encoder head" in notes[0] and "start fresh" in notes[0]
+    images = torch.stack(_images())
+    for mode in ("train", "eval"):
+        torch.manual_seed(0)   # the same denoising noise in both models
+        with torch.no_grad():
+            out = getattr(headed, mode)()(images, 0.5, GROUP_TARGETS)
+            torch.manual_seed(0)
+            expected = getattr(plain, mode)()(images, 0.5, GROUP_TARGETS)
+        _assert_outputs_close(out, expected)
+
+
+def test_weight_dict_weighs_the_encoder_terms_by_the_flag():
+    _, criterion, _ = tiny_build("--encoder_head", "0.5", "--no_aux_loss")
+    assert criterion.weight_dict == {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_ce_enc": 1.0,
+                                     "loss_bbox_enc": 2.5, "loss_giou_enc": 1.0, "sample_reg_loss": 1e-4}
+
+
+@pytest.mark.parametrize("targets", [GROUP_TARGETS, NO_BOXES])
+def test_encoder_losses_are_finite_and_reach_the_encoder_head(targets):
+    model, criterion, _ = accelerated_build("--encoder_head", 1)
+    has_boxes = targets is not NO_BOXES
+    targets = [{**t, "size": torch.tensor([64, 64])} for t in targets]
+    losses = criterion(model(torch.stack(_images()), 0.5), targets)
+    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
+    total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    assert math.isfinite(total.item())
+    total.backward()
+    grad = model.encoder_head.class_embed.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    box_grad = model.encoder_head.box_embed[-1].weight.grad
+    assert box_grad is not None and (box_grad.abs().sum() > 0) == has_boxes
+
+
+@pytest.mark.parametrize("value,extra", [("-1", ()), ("1", ("--masks", "--frozen_weights", "detr.pth"))])
+def test_bad_encoder_head_flags_are_one_line_errors(value, extra):
+    from tasks import get_task
+    args = tiny_args("--encoder_head", value, *extra)
+    with pytest.raises(UserError, match="--encoder_head"):
         get_task(args.task).check_args(args)
 
 

@@ -235,11 +235,12 @@ ACCELERATORS = {
     "query_groups": (["--query_groups", "2"], GROUPED_BOXES, {"loss_bbox_group1", "loss_giou_0_group1"}),
     "denoising": (["--dn_groups", "2", "--dn_label_noise", "0", "--dn_box_noise", "0"], DENOISING_BOXES,
                   {"loss_ce_dn", "loss_bbox_dn", "loss_giou_0_dn"}),
+    "encoder_head": (["--encoder_head", "1"], GROUPED_BOXES, {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}),
 }
 
 
 def _accelerated_losses(accelerator: str, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-    """The box terms of every query group and decoder layer, and every denoising term, of a tiny
+    """The box terms of every query group and decoder layer, and every denoising and encoder head term, of a tiny
     PnP-DETR with ``accelerator`` (training mode; BatchNorm on running statistics, so that an
     image's outputs do not depend on its batch). The matching queries' class terms are left out:
     cross-entropy averages over each process's queries, so its average over processes is not the
@@ -253,7 +254,7 @@ def _accelerated_losses(accelerator: str, images: list[torch.Tensor], targets: l
     model.backbone.eval()
     with torch.no_grad():
         losses = criterion(model(images, 0.5, targets), targets)
-    return {k: v for k, v in losses.items() if k.startswith(("loss_bbox", "loss_giou")) or k.endswith("_dn")}
+    return {k: v for k, v in losses.items() if k.startswith(("loss_bbox", "loss_giou")) or k.endswith(("_dn", "_enc"))}
 
 
 def _accelerated_batch(accelerator: str) -> tuple[list[torch.Tensor], list[dict]]:
@@ -261,7 +262,8 @@ def _accelerated_batch(accelerator: str) -> tuple[list[torch.Tensor], list[dict]
     boxes_per_image = ACCELERATORS[accelerator][1]
     images = [torch.rand(3, 64, 64, generator=generator) for _ in boxes_per_image]
     targets = [{"labels": torch.arange(len(boxes), dtype=torch.int64) + 1,
-                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)} for boxes in boxes_per_image]
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "size": torch.tensor([64, 64])}
+               for boxes in boxes_per_image]
     return images, targets
 
 

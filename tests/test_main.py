@@ -88,25 +88,29 @@ def test_plain_detr_trains_and_logs_unprefixed_keys(tmp_path, tiny_flags):
     assert not any(k.startswith("transformer.sampler") for k in checkpoint["model"])
 
 
-def test_query_groups_denoising_and_mosaic_train_a_checkpoint_that_a_plain_eval_scores_alike(tmp_path, tiny_flags, capsys):
+def test_every_accelerator_trains_a_checkpoint_that_a_plain_eval_scores_alike(tmp_path, tiny_flags, capsys):
     trained_dir, evaluated_dir = tmp_path / "accelerated", tmp_path / "plain"
-    code, out, _ = _run(tiny_flags + ["--output_dir", str(trained_dir), "--epochs", "1", "--query_groups", "3",
-                                      "--dn_groups", "2", "--mosaic", "0.5", "--eval_ratios", "0.5"], capsys)
+    accelerators = ["--query_groups", "3", "--dn_groups", "2", "--encoder_head", "1"]
+    code, out, _ = _run(tiny_flags + ["--output_dir", str(trained_dir), "--epochs", "1", *accelerators,
+                                      "--mosaic", "0.5", "--eval_ratios", "0.5"], capsys)
     assert code == 0, out[-2000:]
     log = json.loads((trained_dir / "log.txt").read_text())
-    assert "train_loss" in log and "train_loss_bbox_dn" in log and len(log["test_ratio_0.5_coco_eval_bbox"]) == 12
+    assert "train_loss" in log and "train_loss_bbox_dn" in log and "train_loss_giou_enc" in log
+    assert len(log["test_ratio_0.5_coco_eval_bbox"]) == 12
     checkpoint = torch.load(trained_dir / "checkpoint.pth", weights_only=True)
     assert checkpoint["model"]["extra_query_embed.weight"].shape == (2 * 6, 32)
     assert checkpoint["model"]["denoising.label_embed.weight"].shape == (7, 32)
+    assert checkpoint["model"]["encoder_head.class_embed.weight"].shape == (7, 32)
     code, out, _ = _run(tiny_flags + ["--output_dir", str(evaluated_dir), "--eval", "--eval_ratios", "0.5",
                                       "--flops_images", "0", "--resume", str(trained_dir / "checkpoint.pth")], capsys)
-    assert code == 0 and "extra query groups" in out and "denoising queries" in out and "dropped" in out
+    assert code == 0 and "dropped" in out
+    assert "extra query groups" in out and "denoising queries" in out and "encoder head" in out
     (row,) = json.loads((evaluated_dir / "eval.json").read_text())
     assert [row[name] for name in STAT_NAMES] == log["test_ratio_0.5_coco_eval_bbox"]
     # One epoch finds nothing (AP 0 either way): the outputs themselves must agree too.
     images = [build_dataset("val", main.parse_args(tiny_flags + ["--num_classes", "7"]))[i][0] for i in range(2)]
     outputs = []
-    for extra in (["--query_groups", "3", "--dn_groups", "2"], []):
+    for extra in (accelerators, []):
         model = build_model(main.parse_args(tiny_flags + ["--num_classes", "7", *extra]))[0]
         load_model_weights(model, checkpoint["model"], "checkpoint.pth")
         with torch.no_grad():

@@ -47,6 +47,20 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (enclosing - union) / enclosing
 
 
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalised IoU of each xyxy box in ``boxes1 (..., 4)`` with its counterpart in ``boxes2``:
+    ``(...)``, the diagonal of ``generalized_box_iou`` without its ``N x M`` matrix (and, unlike
+    torchvision's loss, without a boolean mask that reads the device)."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    overlap = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = overlap[..., 0] * overlap[..., 1]
+    union = area1 + area2 - inter
+    hull = torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])
+    enclosing = hull[..., 0] * hull[..., 1]
+    return inter / union - (enclosing - union) / enclosing
+
+
 def masks_to_boxes(masks: Tensor) -> Tensor:
     """Tight xyxy boxes around ``(N, H, W)`` binary masks, ``(N, 4)``; empty masks give zeros."""
     if masks.numel() == 0:

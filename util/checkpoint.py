@@ -21,8 +21,10 @@ SAMPLER_PREFIX = "transformer.sampler."
 # or hold it after a module prefix such as the segmentation model's "detr.".
 EXTRA_QUERIES_KEY = "extra_query_embed.weight"  # Group DETR's query groups (--query_groups)
 DENOISING_PREFIX = "denoising."  # DN-DETR's denoising queries (--dn_groups)
+ENCODER_HEAD_PREFIX = "encoder_head."  # Co-DETR's dense head on the encoder (--encoder_head)
 TRAINING_ONLY = {EXTRA_QUERIES_KEY: ("extra query groups of Group DETR", "--query_groups"),
-                 DENOISING_PREFIX: ("denoising queries of DN-DETR", "--dn_groups")}
+                 DENOISING_PREFIX: ("denoising queries of DN-DETR", "--dn_groups"),
+                 ENCODER_HEAD_PREFIX: ("weights of the encoder head of Co-DETR", "--encoder_head")}
 
 # The published DETR checkpoints, by name: ``--finetune detr_r50`` (or ``--resume``, ``predict.py
 # --checkpoint``) downloads the file because the command names it.
@@ -82,8 +84,8 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
       loaded into a PnP-DETR, a ViT's into a PnP-ViT): the sampler keeps its fresh initialisation.
     * ``class_embed.*`` (``head_prefix``: the class logits) of another shape (fine-tuning on
       another class set): not loaded.
-    * ``extra_query_embed.weight`` (Group DETR's extra query groups) and ``denoising.*`` (DN-DETR's
-      denoising queries), which only training runs (``TRAINING_ONLY``): dropped when the model has
+    * ``extra_query_embed.weight`` (Group DETR's extra query groups), ``denoising.*`` (DN-DETR's
+      denoising queries) and ``encoder_head.*`` (Co-DETR's encoder head), which only training runs (``TRAINING_ONLY``): dropped when the model has
       none, kept fresh when the checkpoint has none (or, for the groups, another number).
 
     Returns the notes to print about those gaps. Anything else that does not fit raises a

@@ -158,6 +158,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dn_box_noise", default=0.4, type=float,
                    help="denoising box noise: centres moved by up to half this fraction of the box size, sizes "
                         "scaled by 1 +- this (--dn_groups)")
+    g.add_argument("--encoder_head", default=0.0, type=float,
+                   help="Co-DETR: a dense detection head on the encoder's tokens, each token trained to classify "
+                        "and box the smallest object holding its cell; the value weighs its loss (0: off)")
     g.add_argument("--mosaic", default=0.0, type=float,
                    help="probability that a training image is replaced by a 2x2 mosaic of four training images, "
                         "each at half its size: more objects per image for one-to-one matching (0: off; not "

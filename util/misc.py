@@ -91,6 +91,21 @@ def collate_fn(batch: list[tuple[Tensor, dict]], size_divisibility: int = 1
 
 
 # ----------------------------------------------------------------------------- distributed
+def padded_targets(targets: list[dict[str, Tensor]], device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's ``labels (B, P)``, ``boxes (B, P, 4)`` and ``valid (B, P)`` (False on padding),
+    P = max(1, most boxes in an image); a padding slot holds label 0 and the box (0.5, 0.5, 0.5, 0.5)."""
+    size = max([1] + [len(t["labels"]) for t in targets])
+    labels = torch.zeros(len(targets), size, dtype=torch.int64, device=device)
+    boxes = torch.full((len(targets), size, 4), 0.5, device=device)
+    valid = torch.zeros(len(targets), size, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):
+        count = len(t["labels"])
+        labels[b, :count] = t["labels"]
+        boxes[b, :count] = t["boxes"].float()
+        valid[b, :count] = True
+    return labels, boxes, valid
+
+
 def slow_bf16_warning(device: torch.device) -> Optional[str]:
     """A one-line warning when bf16 autocast on ``device`` will be slower than fp32: a CPU
     without native bf16 (AMX or AVX512-BF16) emulates it; None on CUDA and on such CPUs."""
