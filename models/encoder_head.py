@@ -11,6 +11,7 @@ many cells and get no target). It returns ``EncoderPredictions``:
   cell (``reference_boxes``: centred on the cell, ``REFERENCE_CELLS`` cells wide and high).
 * ``cell (B, S)``: the flat cell index ``y * w + x`` of each token; ``valid (B, S)``: False on
   padding slots and padded cells.
+* ``mask (B, h, w)``: True on the feature map's padded cells; ``stride``: its cell size in pixels.
 
 ``SetCriterion.loss_encoder`` assigns each token the smallest box that holds its cell's centre
 (``cell_box_index``, the rule ``pretrain_backbone.py`` trains the backbone with): a sigmoid focal

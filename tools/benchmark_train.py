@@ -28,9 +28,10 @@ from models import build_model
 from tools.benchmark import device_name, split_model_flags
 from util.errors import UserError, exit_status
 
-DEFAULT_VARIANTS = ["faithful=--dn_groups 0 --query_groups 1", "dn5=--dn_groups 5 --query_groups 1",
-                    "dn10=--dn_groups 10 --query_groups 1", "g3=--dn_groups 0 --query_groups 3",
-                    "dn10_g3=--dn_groups 10 --query_groups 3"]
+DEFAULT_VARIANTS = [f"{name}=--dn_groups {dn} --query_groups {groups} --encoder_head {head}"
+                    for name, dn, groups, head in [("faithful", 0, 1, 0), ("dn5", 5, 1, 0), ("dn10", 10, 1, 0),
+                                                   ("g3", 0, 3, 0), ("enc1", 0, 1, 1), ("dn5_enc1", 5, 1, 1),
+                                                   ("dn10_g3", 10, 3, 0), ("dn10_g3_enc1", 10, 3, 1)]]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
