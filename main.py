@@ -26,6 +26,7 @@ from models import fast_path
 from tasks import Task, check_task_flags, get_task
 from util.checkpoint import load_model_weights, plain_args, read_checkpoint
 from util.errors import UserError, exit_status
+from util.files import write_json
 from util.flags import TRAIN_EVAL_RATIOS, get_args_parser, parse_args  # noqa: F401 (main.get_args_parser: the parser)
 from util.flops import CONVENTION, mean_flops
 from util.plot_utils import log_scalars, plot_tradeoff
@@ -294,7 +295,7 @@ def main(args: argparse.Namespace) -> None:
                 print(f"{CONVENTION}; mean over the first {min(args.flops_images, len(dataset_val))} val images")
             print(task.format_table(rows))
             if output_dir is not None:
-                (output_dir / "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+                write_json(rows, output_dir / "eval.json", indent=2)
                 if args.flops_images > 0:
                     plot_tradeoff(rows, output_dir / "tradeoff.png", baseline, task.metric, task.model_name)
         return

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from util.errors import UserError, exit_status
+from util.files import write_json
 
 VERSION = "2.1.0"
 TRAIN_SOURCE = "2019_YELL_2_528000_4978000_image_crop2"
@@ -114,15 +115,6 @@ def boxes_in_tile(boxes: np.ndarray, left: int, top: int, tile: int) -> np.ndarr
     inside = np.prod(clipped[:, 2:] - clipped[:, :2], axis=1)
     area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
     return clipped[(inside > 0) & (inside >= MIN_INSIDE * area)]
-
-
-def write_json(data: dict[str, Any], path: str) -> None:
-    """``data`` as JSON at ``path``, written beside it and renamed, so an interrupted run leaves no
-    partial file under that name."""
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        json.dump(data, f)
-    os.replace(partial, path)
 
 
 def write_split(out: str, name: str, stem: str, image: Image.Image, boxes: np.ndarray, tile: int,

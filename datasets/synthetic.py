@@ -27,7 +27,6 @@ chance; see docs/pnp_vit.md).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from util.errors import UserError
+from util.files import write_json
 from util.panoptic_png import ids_to_rgb
 
 CATEGORIES = ["circle", "square", "triangle", "cross", "ring", "diamond"]
@@ -289,8 +289,7 @@ def write_panoptic_json(out: str, name: str, images: list[dict], annotations: li
              for i, n in enumerate(STUFF_CATEGORIES)]
     data = {"info": {"description": "synthetic shapes, panoptic (python -m datasets.synthetic --panoptic)"},
             "images": images, "annotations": annotations, "categories": things + stuff}
-    with open(os.path.join(out, "annotations", f"panoptic_{name}2017.json"), "w") as f:
-        json.dump(data, f)
+    write_json(data, os.path.join(out, "annotations", f"panoptic_{name}2017.json"))
 
 
 def parallel_map(fn: Callable[[int], Any], count: int, jobs: int) -> list[Any]:
@@ -360,8 +359,7 @@ def write_split(out: str, split: int, name: str, num_images: int, image_size: in
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
                        for i, n in enumerate(CATEGORIES)],
     }
-    with open(os.path.join(out, "annotations", f"instances_{name}2017.json"), "w") as f:
-        json.dump(data, f)
+    write_json(data, os.path.join(out, "annotations", f"instances_{name}2017.json"))
     return len(annotations)
 
 

@@ -15,6 +15,7 @@ import main
 from conftest import assert_one_line_error
 from datasets import build_dataset, neon_trees
 from datasets.neon_trees import TRAIN_SOURCE, VAL_SOURCE, run
+from util import files
 
 TILE, STRIDE = 32, 16
 TRAIN_SIZE = (100, 80)  # tile columns at 0, 16, ..., 64 and 68 (flush with the edge); rows at 0, 16, 32, 48
@@ -155,11 +156,11 @@ def test_summary_line_gives_the_counts_and_the_most_boxes_per_tile(converted):
 def test_interrupted_json_write_leaves_no_annotation_file(tmp_path, monkeypatch):
     wheel = fake_wheel(tmp_path / "deepforest.whl")
 
-    def interrupted(data, f):
+    def interrupted(data, f, **options):
         f.write('{"images": [')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(neon_trees, "json", SimpleNamespace(dump=interrupted))
+    monkeypatch.setattr(files, "json", SimpleNamespace(dump=interrupted))
     with pytest.raises(KeyboardInterrupt):
         run(["--out", str(tmp_path / "out"), "--wheel", wheel, "--tile", str(TILE), "--stride", str(STRIDE)])
     assert not (tmp_path / "out" / "annotations" / "instances_train2017.json").exists()

@@ -25,7 +25,6 @@ Every figure is also printed as a ratio to the DETR of the same variant, measure
 same run, and everything is written to ``--output`` (JSON).
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -42,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 import main
 from models import fast_path
 from models.detr import DETR, build
+from util.files import write_json
 from util.misc import slow_bf16_warning
 from util.flops import CONVENTION, count_flops
 
@@ -425,8 +425,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         report = {"command": command, "device": device_name(device), "torch": torch.__version__,
                   "input": [height, width], "clock": opts.clock, "convention": CONVENTION,
                   "results": [json_row(row) for row in results], "eval": [json_row(row) for row in evals]}
-        with open(opts.output, "w") as f:  # after every variant: a run cut short keeps what it measured
-            json.dump(report, f, indent=1)
+        write_json(report, opts.output, indent=1)  # after every variant: a run cut short keeps what it measured
     print(f"\nwritten to {opts.output}")
     return report
 

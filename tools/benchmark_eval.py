@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from tools.benchmark import Timing, measure
 from util.errors import UserError, exit_status
+from util.files import write_json
 
 # COCO's 80 category ids (1..90 with ten gaps).
 COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -187,8 +187,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report = {"command": " ".join(command),
               "images": len(gt["images"]), "gt_boxes": len(gt["annotations"]), "detections": len(detections),
               "cpu_count": os.cpu_count(), "rows": rows}
-    with open(opts.output, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(report, opts.output, indent=1)
     return report
 
 

@@ -12,7 +12,6 @@ Printed per model: median [fastest-slowest] ms of each, ONNX Runtime / eager, an
 absolute difference of their outputs; everything is written to ``--output`` (JSON).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any, Optional
 import torch
 
 from tools.benchmark import VARIANT_FLAGS, build_pair, device_name, json_row, measure, split_model_flags
+from util.files import write_json
 from util.onnx import INPUT_NAME, export, max_differences, output_names, require, session
 
 
@@ -101,8 +101,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             report = {"command": command, "device": device_name(torch.device("cpu")), "torch": torch.__version__,
                       "onnxruntime": ort.__version__, "input": [height, width],
                       "results": [json_row(row) for row in rows]}
-            with open(opts.output, "w") as f:  # after every variant: a run cut short keeps what it measured
-                json.dump(report, f, indent=1)
+            write_json(report, opts.output, indent=1)  # after every variant: a run cut short keeps what it measured
     print(f"\nwritten to {opts.output}")
     return report
 

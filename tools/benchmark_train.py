@@ -13,7 +13,6 @@ shared machine hits them alike; the fastest pass of each is reported with its ra
 variant's. With ``--output`` the results are also written as JSON.
 """
 import argparse
-import json
 import random
 import shlex
 import time
@@ -27,6 +26,7 @@ from engine import train_one_epoch
 from models import build_model
 from tools.benchmark import device_name, split_model_flags
 from util.errors import UserError, exit_status
+from util.files import write_json
 
 DEFAULT_VARIANTS = [f"{name}=--dn_groups {dn} --query_groups {groups} --encoder_head {head}"
                     for name, dn, groups, head in [("faithful", 0, 1, 0), ("dn5", 5, 1, 0), ("dn10", 10, 1, 0),
@@ -98,8 +98,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report = {"device": device_name(device), "threads": opts.threads, "images": opts.images,
               "model_flags": model_flags, "results": rows}
     if opts.output:
-        with open(opts.output, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, opts.output, indent=1)
     return report
 
 

@@ -12,7 +12,6 @@ printed as a ratio to the plain ViT of the same run, and with ``--output`` writt
 (JSON). The timing and the table are ``tools.benchmark``'s.
 """
 import argparse
-import json
 import sys
 from typing import Any, Callable, Hashable, Optional
 
@@ -22,6 +21,7 @@ from torch import Tensor
 import main
 from models.vit import VIT_ARCHS, PnPViT, build_vit
 from tools.benchmark import CLOCKS, device_name, format_rows, json_row, measure, split_model_flags
+from util.files import write_json
 from util.flops import CONVENTION, count_flops
 
 ARCH_LABELS = {"deit_small": "DeiT-S", "vit_base": "ViT-B"}
@@ -95,8 +95,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
               "input": [opts.size, opts.size], "clock": opts.clock, "convention": CONVENTION,
               "results": [json_row(row) for row in results]}
     if opts.output:
-        with open(opts.output, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, opts.output, indent=1)
         print(f"\nwritten to {opts.output}")
     return report
 

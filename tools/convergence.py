@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from util.errors import UserError, exit_status
+from util.files import write_json
 
 DEFAULT_KEY = "test_ratio_0.5_coco_eval_bbox"
 
@@ -72,7 +73,7 @@ def run(argv: Optional[list[str]] = None) -> None:
     if args.output:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"key": args.key, "runs": runs}, indent=1) + "\n")
+        write_json({"key": args.key, "runs": runs}, output, indent=1)
 
 
 if __name__ == "__main__":
