@@ -74,6 +74,14 @@ def test_other_class_count_drops_class_embed_with_note():
     assert _equal(after, sd, others)
 
 
+@pytest.mark.parametrize("flag,what", [("--dn_groups", "denoising queries"), ("--encoder_head", "encoder head")])
+def test_training_only_part_of_another_class_set_starts_fresh_with_a_note_that_says_so(flag, what):
+    source = tiny_model(flag, "2", "--num_classes", "9", seed=1)
+    notes = load_model_weights(tiny_model(flag, "2", seed=2), source.state_dict(), "coco.pth")
+    assert len(notes) == 2 and "class_embed" in notes[0]
+    assert what in notes[1] and "another shape" in notes[1] and "start fresh" in notes[1], notes
+
+
 def test_detr_checkpoint_with_other_class_count_gives_both_notes():
     source = tiny_model("--no_pnp", "--num_classes", "9", seed=1)
     notes = load_model_weights(tiny_model(seed=2), source.state_dict(), "detr-r50.pth")
@@ -121,6 +129,7 @@ def test_model_with_query_groups_keeps_fresh_extra_groups_from_a_checkpoint_with
     fresh = grouped.extra_query_embed.weight.detach().clone()
     notes = load_model_weights(grouped, source.state_dict(), "plain.pth")
     assert len(notes) == 1 and "plain.pth" in notes[0] and "start fresh" in notes[0]
+    assert ("another shape" in notes[0]) == bool(source_flags), notes[0]
     assert torch.equal(grouped.extra_query_embed.weight, fresh)
     assert torch.equal(grouped.query_embed.weight, source.query_embed.weight)
 

@@ -85,8 +85,9 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     * ``class_embed.*`` (``head_prefix``: the class logits) of another shape (fine-tuning on
       another class set): not loaded.
     * ``extra_query_embed.weight`` (Group DETR's extra query groups), ``denoising.*`` (DN-DETR's
-      denoising queries) and ``encoder_head.*`` (Co-DETR's encoder head), which only training runs (``TRAINING_ONLY``): dropped when the model has
-      none, kept fresh when the checkpoint has none (or, for the groups, another number).
+      denoising queries) and ``encoder_head.*`` (Co-DETR's encoder head), which only training runs
+      (``TRAINING_ONLY``): dropped when the model has none, kept fresh when the checkpoint has none
+      or has them of another shape (another number of groups, another class set).
 
     Returns the notes to print about those gaps. Anything else that does not fit raises a
     ``UserError`` naming the checkpoint and the keys, in one line, saying what the model was
@@ -111,7 +112,9 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
         for k in dropped:
             del state_dict[k]
         fresh = [k for k in own if _is_part(k, part) and k not in state_dict]
-        if fresh:
+        if any(k in own for k in dropped):  # another --query_groups, or another class set
+            notes.append(f"{source}: its {what} are of another shape than the model's: they start fresh")
+        elif fresh:
             notes.append(f"{source}: has no {what} for the model's {flag}: they start fresh")
         fresh_parts += fresh
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
