@@ -16,6 +16,7 @@ from models.detr import build as build_detector
 from models.pnp import PollAndPoolSampler, SampledTokens
 from models.segmentation import (GridMemory, PostProcessPanoptic, PostProcessSegm, build, dice_loss,
                                  load_frozen_detector, sigmoid_focal_loss)
+from util.checkpoint import load_model_weights
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -174,6 +175,20 @@ def test_accelerators_train_masks_of_the_matching_queries_only(flag, extra_terms
     with torch.no_grad():
         evaluated = model.eval()(images, 0.5, targets)
     assert extra_terms not in evaluated and evaluated["pred_masks"].shape == (2, NUM_QUERIES, 16, 16)
+
+
+def test_detr_mask_head_checkpoint_loads_into_pnp_with_the_sampler_and_grid_memory_fresh():
+    torch.manual_seed(0)
+    detr = build(tiny_args("--no_pnp"))[0]
+    torch.manual_seed(1)
+    pnp = build(tiny_args())[0]
+    fresh = {k: v.clone() for k, v in pnp.state_dict().items() if "sampler." in k or k.startswith("grid_memory.")}
+    assert any(k.startswith("grid_memory.") for k in fresh) and any(k.startswith("detr.transformer.sampler.") for k in fresh)
+    notes = load_model_weights(pnp, detr.state_dict(), "detr_panoptic.pth")
+    assert len(notes) == 1 and "detr_panoptic.pth" in notes[0] and "sampler starts fresh" in notes[0]
+    for key, value in pnp.state_dict().items():
+        expected = fresh[key] if key in fresh else detr.state_dict()[key]
+        assert torch.equal(value, expected), key
 
 
 def test_forward_never_waits_for_the_device():

@@ -17,6 +17,9 @@ from util.errors import UserError
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 SAMPLER_PREFIX = "transformer.sampler."
+# The PnP mask head's unpooling of the sampled memory (models.segmentation.GridMemory): there only with a
+# sampler, so a mask head trained without one has none, and it starts fresh with the sampler.
+GRID_MEMORY_PREFIX = "grid_memory."
 # The detector's training-only parts (TRAINING_ONLY): state_dict keys that start with the prefix,
 # or hold it after a module prefix such as the segmentation model's "detr.".
 EXTRA_QUERIES_KEY = "extra_query_embed.weight"  # Group DETR's query groups (--query_groups)
@@ -80,8 +83,9 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
                        sampler_prefix: str = SAMPLER_PREFIX, head_prefix: str = "class_embed.") -> list[str]:
     """Load ``state_dict`` into ``model`` with strict key matching, up to three allowed gaps.
 
-    * ``transformer.sampler.*`` (``sampler_prefix``) absent from the checkpoint (a DETR checkpoint
-      loaded into a PnP-DETR, a ViT's into a PnP-ViT): the sampler keeps its fresh initialisation.
+    * ``transformer.sampler.*`` (``sampler_prefix``, also under a module prefix such as the mask
+      head's ``detr.``) and the PnP mask head's ``grid_memory.*`` absent from the checkpoint (a DETR
+      checkpoint loaded into a PnP-DETR, a ViT's into a PnP-ViT): they keep their fresh initialisation.
     * ``class_embed.*`` (``head_prefix``: the class logits) of another shape (fine-tuning on
       another class set): not loaded.
     * ``extra_query_embed.weight`` (Group DETR's extra query groups), ``denoising.*`` (DN-DETR's
@@ -123,8 +127,8 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     unexpected = sorted(k for k in state_dict if k not in own and not k.endswith("num_batches_tracked"))
     missing = sorted(k for k in own if k not in state_dict and k not in resized and k not in fresh_parts
                      and not k.endswith("num_batches_tracked"))
-    sampler_missing = [k for k in missing if k.startswith(sampler_prefix)]
-    missing = [k for k in missing if not k.startswith(sampler_prefix)]
+    sampler_missing = [k for k in missing if _is_part(k, sampler_prefix) or _is_part(k, GRID_MEMORY_PREFIX)]
+    missing = [k for k in missing if k not in sampler_missing]
     problems = []
     if missing:
         problems.append(f"missing {_preview(missing)}")
