@@ -24,7 +24,7 @@ from datasets.samplers import ShardedBatchSampler
 from engine import NonFiniteLossError, train_one_epoch
 from models import fast_path
 from tasks import Task, check_task_flags, get_task
-from util.checkpoint import load_model_weights, plain_args, read_checkpoint
+from util.checkpoint import plain_args, read_checkpoint
 from util.errors import UserError, exit_status
 from util.files import write_json
 from util.flags import TRAIN_EVAL_RATIOS, get_args_parser, parse_args  # noqa: F401 (main.get_args_parser: the parser)
@@ -212,8 +212,7 @@ def load_finetune_weights(task: Task, model: torch.nn.Module, source: str) -> li
     """``--finetune``: a checkpoint's model weights, its class head replaced when the class count
     differs (nothing else is taken from it: no optimiser, epoch or flags)."""
     checkpoint = read_checkpoint(source, flag="--finetune")
-    return load_model_weights(model, checkpoint["model"], source, head_prefix=task.head_prefix,
-                              sampler_prefix=task.sampler_prefix)
+    return task.load_weights(model, checkpoint["model"], source)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -264,8 +263,7 @@ def main(args: argparse.Namespace) -> None:
     optimizer, lr_scheduler = build_optimizer(args, model_without_ddp, len(loader_train) if loader_train else 1)
 
     if checkpoint is not None:
-        for note in load_model_weights(model_without_ddp, checkpoint["model"], resume, head_prefix=task.head_prefix,
-                                       sampler_prefix=task.sampler_prefix):
+        for note in task.load_weights(model_without_ddp, checkpoint["model"], resume):
             print(note)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             try:

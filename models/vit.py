@@ -207,5 +207,5 @@ def load_vit_weights(model: PnPViT, state_dict: dict[str, Tensor], source: str) 
         state_dict["pos_embed"] = resample_abs_pos_embed(theirs, [grid, grid], num_prefix_tokens=1)
         notes.append(f"{source}: pos_embed resampled from {theirs.shape[1] - 1} to {model.num_patches} patches")
     return notes + load_model_weights(model, state_dict, source, built_from="--vit_arch/--input_size/--patch_size",
-                                      advice="check --vit_arch, --patch_size and --vit_weights",
+                                      advice="check --vit_arch and --patch_size",
                                       sampler_prefix="sampler.", head_prefix="head.")

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
 
 from engine import BatchTransform
 from datasets.coco import read_json_object
+from util.checkpoint import load_model_weights
 from util.draw import PollGrid
 from util.errors import UserError
 
@@ -73,6 +74,12 @@ class Task(ABC):
     def build_model(self, args: argparse.Namespace, dataset_val: Dataset
                     ) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
         """The model, its criterion and its post-processors."""
+
+    def load_weights(self, model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+        """Load a checkpoint's weights (``--resume``, ``--finetune``) into ``model``: strict key
+        matching with the allowed gaps of ``util.checkpoint.load_model_weights``. Returns the notes to print."""
+        return load_model_weights(model, state_dict, source, head_prefix=self.head_prefix,
+                                  sampler_prefix=self.sampler_prefix)
 
     @abstractmethod
     def param_groups(self, args: argparse.Namespace, model: nn.Module) -> list[dict[str, Any]]:

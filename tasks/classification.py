@@ -75,6 +75,10 @@ class ClassificationTask(Task):
         """DeiT's: no weight decay on biases, norms, the position embedding and the class token."""
         return param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=("pos_embed", "cls_token"))
 
+    def load_weights(self, model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+        """As any task's, and a position embedding of another grid resampled (``load_vit_weights``)."""
+        return load_vit_weights(model, state_dict, source)
+
     def load_initial_weights(self, args: argparse.Namespace, model: nn.Module) -> list[str]:
         """``--vit_weights`` (the sampler starts fresh), for training and for evaluation: with
         ``--eval`` the published model is evaluated as it is (with ``--no_pnp``: the baseline)."""

@@ -356,6 +356,19 @@ def test_classification_resume_gives_the_weights_of_an_uninterrupted_run(tmp_pat
     assert {"train_loss_ce", "train_sample_reg_loss", "test_ratio_0.5_acc1", "test_ratio_0.8_acc5"} <= set(logs[1])
 
 
+def test_classification_finetune_at_another_input_size_resamples_the_position_embedding(tmp_path, classification_flags,
+                                                                                         capsys):
+    source, tuned = tmp_path / "source", tmp_path / "tuned"
+    assert main.run(classification_flags + ["--epochs", "1", "--eval_every", "0", "--output_dir", str(source)]) == 0
+    capsys.readouterr()
+    code, out, err = _run(classification_flags + ["--input_size", "48", "--finetune", str(source / "checkpoint.pth"),
+                                                  "--epochs", "1", "--eval_every", "0", "--output_dir", str(tuned)],
+                          capsys)
+    assert code == 0, err
+    assert "pos_embed resampled from 16 to 36 patches" in out
+    assert torch.load(tuned / "checkpoint.pth", weights_only=True)["model"]["pos_embed"].shape[1] == 37
+
+
 def test_classification_eval_rows_table_and_tradeoff_against_the_plain_vit(tmp_path, classification_flags, capsys):
     plain, pnp = tmp_path / "plain", tmp_path / "pnp"
     assert main.run(classification_flags + ["--no_pnp", "--epochs", "1", "--output_dir", str(plain)]) == 0
