@@ -29,7 +29,6 @@ from datasets import build_dataset
 from main import check_args, parse_args as training_args, seed_everything
 from models import fast_path
 from models.backbone import Backbone
-from models.encoder_head import cell_box_index
 from util.errors import UserError, exit_status
 from util.misc import NestedTensor, collate_fn, save_on_master
 
@@ -39,15 +38,24 @@ IGNORE = -100  # cross_entropy's ignore_index: padded cells
 def cell_labels(targets: Sequence[dict[str, Tensor]], mask: Tensor, stride: int, background: int) -> Tensor:
     """Class of every feature cell: ``(B, h, w)`` int64.
 
-    A cell takes the label of the smallest box holding its centre (``cell_box_index``, with its
-    conventions for ``targets``, ``mask`` and ``stride``), ``background`` when none does, and
-    ``IGNORE`` on padding.
+    ``targets[b]["boxes"]`` are normalised ``cx, cy, w, h`` of the unpadded image of
+    ``targets[b]["size"]`` (``H, W``) pixels; ``mask`` ``(B, h, w)`` is True on padding. A cell
+    covers ``stride`` pixels from the top-left corner; it takes the label of the smallest box
+    holding its centre, ``background`` when none does, and ``IGNORE`` on padding.
     """
-    index = cell_box_index(targets, mask, stride)
-    labels = torch.full(index.shape, background, dtype=torch.int64)
+    batch, height, width = mask.shape
+    centre_y = (torch.arange(height, dtype=torch.float32) + 0.5) * stride
+    centre_x = (torch.arange(width, dtype=torch.float32) + 0.5) * stride
+    labels = torch.full((batch, height, width), background, dtype=torch.int64)
     for b, target in enumerate(targets):
-        held = index[b] >= 0
-        labels[b][held] = target["labels"].cpu().to(torch.int64)[index[b][held]]
+        size_h, size_w = target["size"].tolist()
+        cx, cy, w, h = (target["boxes"].float().cpu() * torch.tensor([size_w, size_h, size_w, size_h])).unbind(-1)
+        inside = (((centre_y[None, :, None] >= cy[:, None, None] - h[:, None, None] / 2)
+                   & (centre_y[None, :, None] <= cy[:, None, None] + h[:, None, None] / 2))
+                  & ((centre_x[None, None, :] >= cx[:, None, None] - w[:, None, None] / 2)
+                     & (centre_x[None, None, :] <= cx[:, None, None] + w[:, None, None] / 2)))
+        for k in torch.argsort(w * h, descending=True).tolist():  # smaller boxes painted last
+            labels[b][inside[k]] = int(target["labels"][k])
     labels[mask.cpu()] = IGNORE
     return labels
 
