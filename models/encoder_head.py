@@ -14,8 +14,9 @@ many cells and get no target). It returns ``EncoderPredictions``:
 * ``mask (B, h, w)``: True on the feature map's padded cells; ``stride``: its cell size in pixels.
 
 ``SetCriterion.loss_encoder`` assigns each token the smallest box that holds its cell's centre
-(``cell_box_index``, the rule ``pretrain_backbone.py`` trains the backbone with): a sigmoid focal
-loss over the classes of every valid token, L1 and GIoU losses on the boxes of the assigned ones.
+(``cell_box_index``: the rule of ``pretrain_backbone.cell_labels``, on the device, where a centre
+exactly on a box edge may round the other way): a sigmoid focal loss over the classes of every
+valid token, L1 and GIoU losses on the boxes of the assigned ones.
 Evaluation never runs the head; its weights are kept under ``encoder_head.*`` and dropped when
 loaded into a model built without one.
 """
