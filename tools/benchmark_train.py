@@ -6,7 +6,7 @@ measured in one process.
 
 Every variant is main.py's model, loss and optimiser built from the flags after ``--`` plus the
 variant's own (``NAME=FLAGS``; by default the faithful recipe, ``--dn_groups`` 5 and 10,
-``--query_groups 3`` and both). Each trains one pass over the same first ``--images`` training
+``--query_groups 3``, ``--encoder_head 1`` and combinations of them: ``DEFAULT_VARIANTS``). Each trains one pass over the same first ``--images`` training
 images (``engine.train_one_epoch``: data loading, forward, matching, loss, backward and the
 optimiser step), the variants taking turns ``--repeats`` times, so that a slow spell of a
 shared machine hits them alike; the fastest pass of each is reported with its ratio to the first

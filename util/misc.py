@@ -90,7 +90,6 @@ def collate_fn(batch: list[tuple[Tensor, dict]], size_divisibility: int = 1
     return nested_tensor_from_tensor_list(list(images), size_divisibility), targets
 
 
-# ----------------------------------------------------------------------------- distributed
 def padded_targets(targets: list[dict[str, Tensor]], device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
     """The batch's ``labels (B, P)``, ``boxes (B, P, 4)`` and ``valid (B, P)`` (False on padding),
     P = max(1, most boxes in an image); a padding slot holds label 0 and the box (0.5, 0.5, 0.5, 0.5)."""
@@ -106,6 +105,7 @@ def padded_targets(targets: list[dict[str, Tensor]], device: torch.device | str)
     return labels, boxes, valid
 
 
+# ----------------------------------------------------------------------------- distributed
 def slow_bf16_warning(device: torch.device) -> Optional[str]:
     """A one-line warning when bf16 autocast on ``device`` will be slower than fp32: a CPU
     without native bf16 (AMX or AVX512-BF16) emulates it; None on CUDA and on such CPUs."""
