@@ -52,6 +52,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     rng: Optional[random.Random] = None,
                     batch_transform: Optional[BatchTransform] = None,
                     before_step: Optional[Callable[[int], None]] = None,
+                    after_step: Optional[Callable[[int], None]] = None,
                     upper_prob: float = 0.0, model_takes_targets: bool = False) -> dict[str, float]:
     """Train for one pass over ``data_loader``; returns the epoch averages of the logged values
     and ``images_per_s``, this process's training speed over the epoch (data loading included).
@@ -64,7 +65,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     (each process has its own draws): ``upper`` itself with probability ``upper_prob``, else
     ``Uniform(lower, upper)`` (``draw_ratio``).
     ``before_step(step)``, if given, runs before each optimiser step ``step`` of the epoch (a
-    per-iteration lr schedule). With ``model_takes_targets`` the model is called as
+    per-iteration lr schedule), ``after_step(step)`` after it (a moving average of the weights). With ``model_takes_targets`` the model is called as
     ``model(samples, ratio, targets)`` (the detector's denoising queries are made from them).
     """
     model.train()
@@ -100,6 +101,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
 
         logger.update(loss=loss_value, **{k: v for k, v in weighted.items() if not k[-1].isdigit()})
         logger.update(class_error=logged["class_error"], lr=optimizer.param_groups[0]["lr"])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 
 import util.misc as utils
@@ -24,7 +25,7 @@ from datasets.samplers import ShardedBatchSampler
 from engine import NonFiniteLossError, train_one_epoch
 from models import fast_path
 from tasks import Task, check_task_flags, get_task
-from util.checkpoint import plain_args, read_checkpoint
+from util.checkpoint import TRAINED_MODEL_KEY, plain_args, read_checkpoint
 from util.errors import UserError, exit_status
 from util.files import write_json
 from util.flags import TRAIN_EVAL_RATIOS, get_args_parser, parse_args  # noqa: F401 (main.get_args_parser: the parser)
@@ -67,6 +68,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--retrofit sets how the sampler passes tokens on; --no_pnp builds no sampler: give one")
     if args.finetune and args.resume:
         raise UserError("--finetune starts a new run from a checkpoint's weights; --resume continues one: give one")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be 0 (off) or a decay in (0, 1), got {args.ema_decay}")
     check_task_flags(get_task(args.task), args)
 
 
@@ -200,6 +203,25 @@ def lr_steps(lr_scheduler: Any, epoch: int, steps_per_epoch: int) -> tuple[Optio
     return None, lr_scheduler.step
 
 
+def build_weight_average(args: argparse.Namespace, model: torch.nn.Module) -> Optional[ModelEmaV3]:
+    """``--ema_decay``: a copy of ``model`` that will hold the moving average of its weights (timm's
+    ``ModelEmaV3``, the decay warmed up as ``1 - (1 + step) ** (-2/3)`` to at most ``--ema_decay``);
+    None when off or only evaluating. Built before ``--compile``, so that the copy runs eagerly."""
+    if args.ema_decay <= 0 or args.eval:
+        return None
+    return ModelEmaV3(model, decay=args.ema_decay, use_warmup=True)
+
+
+def average_steps(average: Optional[ModelEmaV3], model: torch.nn.Module, epoch: int,
+                  steps_per_epoch: int) -> Optional[Callable[[int], None]]:
+    """The update of ``average`` after each optimiser step of ``epoch`` (None without an average).
+    Its decay follows the optimiser steps counted from epoch 0, so a resumed run averages as an
+    uninterrupted one."""
+    if average is None:
+        return None
+    return lambda step: average.update(model, step=epoch * steps_per_epoch + step + 1)
+
+
 def run_evaluation(task: Task, args: argparse.Namespace, model: torch.nn.Module, criterion: torch.nn.Module,
                    postprocessors: dict[str, torch.nn.Module], loader_val: DataLoader, device: torch.device,
                    ratios: list[Optional[float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -251,6 +273,7 @@ def main(args: argparse.Namespace) -> None:
         freeze_all_but(model, args.trainable)
     fast_path(model.to(device), channels_last=not args.no_channels_last)
     criterion.to(device)
+    average = build_weight_average(args, model)
     if args.compile:  # in place: the state_dict keys stay those of the eager model
         model.backbone.compile()
         model.transformer.compile()
@@ -262,10 +285,12 @@ def main(args: argparse.Namespace) -> None:
     print(f"{task.display_name(model_without_ddp.uses_pnp)}: {n_parameters:,} trainable parameters")
     optimizer, lr_scheduler = build_optimizer(args, model_without_ddp, len(loader_train) if loader_train else 1)
 
+    resuming = checkpoint is not None and not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch"))
+    trained = checkpoint.get(TRAINED_MODEL_KEY) if resuming else None  # with --ema_decay, "model" is the average
     if checkpoint is not None:
-        for note in task.load_weights(model_without_ddp, checkpoint["model"], resume):
+        for note in task.load_weights(model_without_ddp, checkpoint["model"] if trained is None else trained, resume):
             print(note)
-        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        if resuming:
             try:
                 optimizer.load_state_dict(checkpoint["optimizer"])
             except ValueError:
@@ -281,6 +306,16 @@ def main(args: argparse.Namespace) -> None:
                  else task.load_initial_weights(args, model_without_ddp))
         for note in notes:
             print(note)
+    if average is not None and trained is not None:
+        task.load_weights(average.module, checkpoint["model"], resume)  # its notes are those printed above
+    elif average is not None:
+        average.set(model_without_ddp)
+        if resuming:
+            print(f"{resume} holds no moving average of its weights: the average of --ema_decay starts from them")
+    elif trained is not None:
+        print(f"{resume} holds a moving average of its weights (--ema_decay): training goes on from its "
+              "trained weights, without an average")
+    evaluated = model_without_ddp if average is None else average.module
 
     pnp = model_without_ddp.uses_pnp
     if args.eval:
@@ -315,7 +350,9 @@ def main(args: argparse.Namespace) -> None:
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
                                           args.clip_max_norm, ratio_bounds, args.amp, args.print_freq,
                                           rng=random.Random(epoch_seed(args, epoch)), batch_transform=mix,
-                                          before_step=before_step, upper_prob=args.sample_ratio_upper_prob,
+                                          before_step=before_step,
+                                          after_step=average_steps(average, model_without_ddp, epoch, len(loader_train)),
+                                          upper_prob=args.sample_ratio_upper_prob,
                                           model_takes_targets=task.model_takes_targets)
         except NonFiniteLossError as err:
             kept = output_dir / "checkpoint.pth" if output_dir is not None else None
@@ -323,11 +360,13 @@ def main(args: argparse.Namespace) -> None:
             raise NonFiniteLossError(f"training stopped: {err}{where}") from None
         end_epoch()
         if args.distributed:  # each rank's last step updated its own BatchNorm statistics: keep rank 0's
-            for buffer in model_without_ddp.buffers():
+            for buffer in [*model_without_ddp.buffers(), *(average.module.buffers() if average is not None else [])]:
                 torch.distributed.broadcast(buffer, src=0)
         if output_dir is not None:
-            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint = {"model": evaluated.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": plain_args(args)}
+            if average is not None:
+                checkpoint[TRAINED_MODEL_KEY] = model_without_ddp.state_dict()
             utils.save_on_master(checkpoint, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 utils.save_on_master(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
@@ -336,8 +375,8 @@ def main(args: argparse.Namespace) -> None:
                      "n_parameters": n_parameters}
         last = epoch == args.epochs - 1
         if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            test_stats, rows = run_evaluation(task, args, model_without_ddp, criterion, postprocessors, loader_val,
-                                              device, ratios)
+            test_stats, rows = run_evaluation(task, args, evaluated, criterion, postprocessors, loader_val, device,
+                                              ratios)
             log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if utils.is_main_process():
                 print(task.format_table(rows))

@@ -11,14 +11,14 @@ from util.errors import UserError
 def test_every_variant_trains_the_same_images_and_is_reported_against_the_first(synthetic_root, tmp_path, capsys):
     output = tmp_path / "train.json"
     report = benchmark_train.run(["--variants", "faithful=", "dn2=--dn_groups 2", "g2=--query_groups 2",
-                                  "--images", "8", "--repeats", "2", "--threads", "1", "--output", str(output),
+                                  "ema=--ema_decay 0.9", "--images", "8", "--repeats", "2", "--threads", "1", "--output", str(output),
                                   "--", *TINY_FLAGS, "--coco_path", synthetic_root])
     out = capsys.readouterr().out
     assert "one training pass over 8 images, fastest of 2; (x) = ratio to faithful" in out
     assert "| dn2 | `--dn_groups 2` |" in out and "(1.00x)" in out
     assert json.loads(output.read_text()) == json.loads(json.dumps(report))
     rows = report["results"]
-    assert [row["variant"] for row in rows] == ["faithful", "dn2", "g2"]
+    assert [row["variant"] for row in rows] == ["faithful", "dn2", "g2", "ema"]
     assert rows[0]["ratio"] == 1.0
     for row in rows:
         assert len(row["runs"]) == 2 and row["seconds"] == min(row["runs"]) > 0

@@ -107,6 +107,24 @@ def test_distributed_ap_equals_the_single_process_ap_of_the_checkpoint(ddp_run, 
         assert stats == [row[name] for name in STAT_NAMES], f"ratio {ratio}"
 
 
+def test_distributed_ap_of_the_moving_average_equals_the_single_process_ap_of_its_checkpoint(flags, tmp_path):
+    """Each rank keeps its own average of the same weights; rank 0's BatchNorm statistics are
+    copied into every rank's, as into the trained model's (a decay of 0.01 keeps the average close
+    to each rank's own statistics, so that without the copy the APs differ)."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    output = _finish(_torchrun(["--standalone", "--nproc_per_node=2"],
+                               flags + ["--output_dir", str(ddp), "--ema_decay", "0.01"]))
+    assert "holds no moving average" in output
+    distributed = json.loads((ddp / "log.txt").read_text())
+    checkpoint = torch.load(ddp / "checkpoint.pth", weights_only=True)
+    assert not torch.equal(checkpoint["model"]["class_embed.weight"], checkpoint["trained_model"]["class_embed.weight"])
+    assert main.run(flags + ["--output_dir", str(single), "--eval", "--resume", str(ddp / "checkpoint.pth")]) == 0
+    rows = json.loads((single / "eval.json").read_text())
+    assert any(row["AP50"] > 0 for row in rows), "the checkpoint finds nothing: equal APs would prove nothing"
+    for ratio, row in zip(RATIOS, rows):
+        assert distributed[f"test_ratio_{ratio}_coco_eval_bbox"] == [row[name] for name in STAT_NAMES], ratio
+
+
 def test_two_nodes_on_loopback_train_as_two_local_processes(ddp_run, flags, tmp_path):
     port = str(_free_port())
     # c10d rendezvous: with the static one (--master_addr/--master_port) node 0's torchrun

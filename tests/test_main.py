@@ -79,6 +79,68 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, tiny_flags):
     assert len((split / "log.txt").read_text().splitlines()) == 2
 
 
+def test_weight_average_decay_warms_up_over_the_steps_counted_from_epoch_0():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = main.build_weight_average(main.parse_args(["--ema_decay", "0.99"]), model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        main.average_steps(average, model, epoch=0, steps_per_epoch=3)(0)  # the first step: a copy
+        assert average.module.weight.item() == pytest.approx(2.0)
+        model.weight.fill_(6.0)
+        main.average_steps(average, model, epoch=1, steps_per_epoch=3)(0)  # the 4th step: decay 1 - 4^(-2/3)
+        decay = 1 - 4 ** (-2 / 3)
+        assert average.module.weight.item() == pytest.approx(decay * 2.0 + (1 - decay) * 6.0)
+    assert main.build_weight_average(main.parse_args([]), model) is None
+    assert main.build_weight_average(main.parse_args(["--ema_decay", "0.99", "--eval"]), model) is None
+
+
+def test_ema_checkpoint_holds_the_average_and_resumes_as_an_uninterrupted_run(tmp_path, tiny_flags, capsys):
+    straight, split, half, plain = (tmp_path / name for name in ("straight", "split", "half", "plain"))
+    flags = tiny_flags + ["--eval_every", "0", "--eval_ratios", "0.5"]
+    assert main.run(flags + ["--output_dir", str(straight), "--epochs", "2", "--ema_decay", "0.9"]) == 0
+    assert main.run(flags + ["--output_dir", str(split), "--epochs", "1", "--ema_decay", "0.9"]) == 0
+    half.mkdir()
+    shutil.copy(split / "checkpoint.pth", half / "checkpoint.pth")
+    assert main.run(flags + ["--output_dir", str(split), "--epochs", "2", "--ema_decay", "0.9"]) == 0
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "checkpoint.pth", weights_only=True)
+    assert set(a) == {"model", "trained_model", "optimizer", "lr_scheduler", "epoch", "args"}
+    for key in ("model", "trained_model"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    for name in ("class_embed.weight", "backbone.0.body.bn1.running_mean"):  # a weight and a BatchNorm statistic
+        assert not torch.equal(a["model"][name], a["trained_model"][name]), name
+    # The average never feeds back into training: a run without it trains the same weights, and one
+    # resumed without --ema_decay goes on from the trained weights.
+    assert main.run(flags + ["--output_dir", str(plain), "--epochs", "2"]) == 0
+    code, out, _ = _run(flags + ["--output_dir", str(half), "--epochs", "2"], capsys)
+    assert code == 0 and "moving average" in out and "trained weights" in out
+    c = torch.load(plain / "checkpoint.pth", weights_only=True)["model"]
+    d = torch.load(half / "checkpoint.pth", weights_only=True)
+    assert "trained_model" not in d
+    for name, value in c.items():
+        assert torch.equal(value, a["trained_model"][name]), name
+        assert torch.equal(value, d["model"][name]), name
+
+
+def test_training_evaluates_the_average_it_saves(tmp_path, tiny_flags, monkeypatch):
+    evaluated = []
+    run_evaluation = main.run_evaluation
+
+    def record(task, args, model, *rest):
+        evaluated.append({name: value.clone() for name, value in model.state_dict().items()})
+        return run_evaluation(task, args, model, *rest)
+
+    monkeypatch.setattr(main, "run_evaluation", record)
+    flags = tiny_flags + ["--output_dir", str(tmp_path), "--eval_ratios", "0.5", "--epochs", "1", "--ema_decay", "0.9"]
+    assert main.run(flags) == 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    (weights,) = evaluated
+    for name, value in checkpoint["model"].items():
+        assert torch.equal(value, weights[name]), name
+    assert not torch.equal(weights["class_embed.weight"], checkpoint["trained_model"]["class_embed.weight"])
+
+
 def test_plain_detr_trains_and_logs_unprefixed_keys(tmp_path, tiny_flags):
     assert main.run(tiny_flags + ["--no_pnp", "--output_dir", str(tmp_path), "--epochs", "1"]) == 0
     log = json.loads((tmp_path / "log.txt").read_text())
@@ -160,6 +222,7 @@ def test_shipped_presets_parse_and_set_only_their_tasks_flags(preset):
     (["--dilation"], ["--dilation", "resnet18"]),
     (["--num_classes", "3"], ["--num_classes"]),
     (["--channels_last", "--no_channels_last"], ["--channels_last", "--no_channels_last"]),
+    (["--ema_decay", "1"], ["--ema_decay", "(0, 1)"]),
 ])
 def test_bad_flags_end_in_one_line(tiny_flags, tmp_path, capsys, extra, needles):
     code, _, err = _run(tiny_flags + ["--output_dir", str(tmp_path), "--epochs", "1"] + extra, capsys)

@@ -6,9 +6,10 @@ measured in one process.
 
 Every variant is main.py's model, loss and optimiser built from the flags after ``--`` plus the
 variant's own (``NAME=FLAGS``; by default the faithful recipe, ``--dn_groups`` 5 and 10,
-``--query_groups 3``, ``--encoder_head 1`` and combinations of them: ``DEFAULT_VARIANTS``). Each trains one pass over the same first ``--images`` training
-images (``engine.train_one_epoch``: data loading, forward, matching, loss, backward and the
-optimiser step), the variants taking turns ``--repeats`` times, so that a slow spell of a
+``--query_groups 3``, ``--encoder_head 1``, ``--ema_decay`` and combinations of them: ``DEFAULT_VARIANTS``).
+Each trains one pass over the same first ``--images`` training images (``engine.train_one_epoch``:
+data loading, forward, matching, loss, backward, the optimiser step and the update of the moving
+average), the variants taking turns ``--repeats`` times, so that a slow spell of a
 shared machine hits them alike; the fastest pass of each is reported with its ratio to the first
 variant's. With ``--output`` the results are also written as JSON.
 """
@@ -28,10 +29,11 @@ from tools.benchmark import device_name, split_model_flags
 from util.errors import UserError, exit_status
 from util.files import write_json
 
-DEFAULT_VARIANTS = [f"{name}=--dn_groups {dn} --query_groups {groups} --encoder_head {head}"
-                    for name, dn, groups, head in [("faithful", 0, 1, 0), ("dn5", 5, 1, 0), ("dn10", 10, 1, 0),
-                                                   ("g3", 0, 3, 0), ("enc1", 0, 1, 1), ("dn5_enc1", 5, 1, 1),
-                                                   ("dn10_g3", 10, 3, 0), ("dn10_g3_enc1", 10, 3, 1)]]
+DEFAULT_VARIANTS = [f"{name}=--dn_groups {dn} --query_groups {groups} --encoder_head {head} --ema_decay {ema}"
+                    for name, dn, groups, head, ema in [
+                        ("faithful", 0, 1, 0, 0), ("dn5", 5, 1, 0, 0), ("dn10", 10, 1, 0, 0), ("g3", 0, 3, 0, 0),
+                        ("enc1", 0, 1, 1, 0), ("ema", 0, 1, 0, 0.9999), ("dn5_enc1", 5, 1, 1, 0),
+                        ("dn5_enc1_ema", 5, 1, 1, 0.9999), ("dn10_g3", 10, 3, 0, 0), ("dn10_g3_enc1", 10, 3, 1, 0)]]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -76,14 +78,15 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         model, criterion, _ = build_model(args)
         model.to(device)
         optimizer, _ = main.build_optimizer(args, model, len(loader))
-        built[name] = (args, model, criterion, optimizer)
+        average = main.build_weight_average(args, model)
+        built[name] = (args, model, criterion, optimizer, main.average_steps(average, model, 0, len(loader)))
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(opts.repeats):
-        for name, (args, model, criterion, optimizer) in built.items():
+        for name, (args, model, criterion, optimizer, after_step) in built.items():
             start = time.perf_counter()
             train_one_epoch(model, criterion, loader, optimizer, device, 0, args.clip_max_norm,
                             (args.sample_ratio_lower_bound, args.sample_ratio_higher_bound), print_freq=10**9,
-                            rng=random.Random(0), model_takes_targets=True)
+                            rng=random.Random(0), after_step=after_step, model_takes_targets=True)
             seconds[name].append(time.perf_counter() - start)
     baseline = min(next(iter(seconds.values())))
     rows = [{"variant": name, "flags": " ".join(variants[name]), "seconds": min(times), "runs": times,

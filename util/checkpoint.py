@@ -3,6 +3,8 @@
 A checkpoint is ``{'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', 'args'}`` as in
 DETR and PnP-DETR; ours store ``args`` as a plain dict so ``torch.load(weights_only=True)``
 reads them. Official checkpoints pickle an ``argparse.Namespace``, which is allowed too.
+Trained with ``--ema_decay``, ``model`` holds the moving average of the weights, the model that
+evaluates, and ``trained_model`` the weights the optimiser updates, from which a resumed run goes on.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ from util.errors import UserError
 # Official DETR / PnP-DETR checkpoints store their flags as an argparse.Namespace.
 torch.serialization.add_safe_globals([argparse.Namespace])
 
+TRAINED_MODEL_KEY = "trained_model"  # the optimiser's weights beside their average in "model" (--ema_decay)
 SAMPLER_PREFIX = "transformer.sampler."
 # The PnP mask head's unpooling of the sampled memory (models.segmentation.GridMemory): there only with a
 # sampler, so a mask head trained without one has none, and it starts fresh with the sampler.
