@@ -65,8 +65,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     (each process has its own draws): ``upper`` itself with probability ``upper_prob``, else
     ``Uniform(lower, upper)`` (``draw_ratio``).
     ``before_step(step)``, if given, runs before each optimiser step ``step`` of the epoch (a
-    per-iteration lr schedule), ``after_step(step)`` after it (a moving average of the weights). With ``model_takes_targets`` the model is called as
-    ``model(samples, ratio, targets)`` (the detector's denoising queries are made from them).
+    per-iteration lr schedule), ``after_step(step)`` after it (a moving average of the weights).
+    With ``model_takes_targets`` the model is called as ``model(samples, ratio, targets)`` (the
+    detector's denoising queries are made from them).
     """
     model.train()
     criterion.train()

@@ -205,8 +205,9 @@ def lr_steps(lr_scheduler: Any, epoch: int, steps_per_epoch: int) -> tuple[Optio
 
 def build_weight_average(args: argparse.Namespace, model: torch.nn.Module) -> Optional[ModelEmaV3]:
     """``--ema_decay``: a copy of ``model`` that will hold the moving average of its weights (timm's
-    ``ModelEmaV3``, the decay warmed up as ``1 - (1 + step) ** (-2/3)`` to at most ``--ema_decay``);
-    None when off or only evaluating. Built before ``--compile``, so that the copy runs eagerly."""
+    ``ModelEmaV3``, the decay warmed up as ``1 - n ** (-2/3)`` at the n-th optimiser step to at most
+    ``--ema_decay``); None when off or only evaluating. Built before ``--compile``, so that the copy
+    runs eagerly."""
     if args.ema_decay <= 0 or args.eval:
         return None
     return ModelEmaV3(model, decay=args.ema_decay, use_warmup=True)

@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--min_lr", default=1e-5, type=float, help="--lr_schedule cosine: lr at the end")
     g.add_argument("--ema_decay", default=0.0, type=float,
                    help="0: off; else keep a moving average of the weights (timm's ModelEmaV3) whose decay warms up as "
-                        "1 - (1 + step)^(-2/3) to at most this (0.99 by step 1,000): the average is what the run "
+                        "1 - n^(-2/3) at the n-th optimiser step to at most this (0.99 at n = 1,000): the average is what the run "
                         "evaluates and saves as the checkpoint's model, the trained weights as its trained_model")
     g.add_argument("--amp", action="store_true",
                    help="bf16 autocast (loss, matcher, post-processing stay fp32); on a CPU, faster only with "
