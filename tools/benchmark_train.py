@@ -7,11 +7,11 @@ measured in one process.
 Every variant is main.py's model, loss and optimiser built from the flags after ``--`` plus the
 variant's own (``NAME=FLAGS``; by default the faithful recipe, ``--dn_groups`` 5 and 10,
 ``--query_groups 3``, ``--encoder_head 1``, ``--ema_decay`` and combinations of them: ``DEFAULT_VARIANTS``).
-Each trains one pass over the same first ``--images`` training images (``engine.train_one_epoch``:
-data loading, forward, matching, loss, backward, the optimiser step and the update of the moving
-average), the variants taking turns ``--repeats`` times, so that a slow spell of a
-shared machine hits them alike; the fastest pass of each is reported with its ratio to the first
-variant's. With ``--output`` the results are also written as JSON.
+Each trains one pass over the same first ``--images`` training images at its own ``--batch_size``
+(``engine.train_one_epoch``: data loading, forward, matching, loss, backward, the optimiser step
+and the update of the moving average), the variants taking turns ``--repeats`` times, so that a
+slow spell of a shared machine hits them alike; the fastest pass of each is reported with its
+ratio to the first variant's. With ``--output`` the results are also written as JSON.
 """
 import argparse
 import random
@@ -67,7 +67,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     base.num_classes = base.num_classes or dataset_val.num_classes
     if len(dataset_train) < opts.images:
         raise UserError(f"--images {opts.images}: the training split holds only {len(dataset_train)} images")
-    loader, _ = main.build_loaders(base, Subset(dataset_train, range(opts.images)), dataset_val)
+    images = Subset(dataset_train, range(opts.images))
     device = torch.device(base.device)
     built = {}
     for name, flags in variants.items():
@@ -77,12 +77,13 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         torch.manual_seed(0)
         model, criterion, _ = build_model(args)
         model.to(device)
+        loader, _ = main.build_loaders(args, images, dataset_val)  # at the variant's --batch_size
         optimizer, _ = main.build_optimizer(args, model, len(loader))
         average = main.build_weight_average(args, model)
-        built[name] = (args, model, criterion, optimizer, main.average_steps(average, model, 0, len(loader)))
+        built[name] = (args, model, criterion, optimizer, loader, main.average_steps(average, model, 0, len(loader)))
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(opts.repeats):
-        for name, (args, model, criterion, optimizer, after_step) in built.items():
+        for name, (args, model, criterion, optimizer, loader, after_step) in built.items():
             start = time.perf_counter()
             train_one_epoch(model, criterion, loader, optimizer, device, 0, args.clip_max_norm,
                             (args.sample_ratio_lower_bound, args.sample_ratio_higher_bound), print_freq=10**9,
